@@ -1,0 +1,189 @@
+"""The physics prior, in torch (differentiable in settings and parameters), and its presets.
+
+Three laws, from ``shared/SCIENCE.md``:
+
+* droplet size from flow (section 3)::
+
+      d_drop = k * w * r^(-a) * exp(b_T * u_T)           r = Q_c / Q_d,  u_T = (T - T_ref) / 10
+
+* SP size by mass balance (section 2), with an exponent free to depart from 1/3 about the
+  reference concentration and a packing fraction that loosens with temperature::
+
+      d_SP = d_drop * (c / (rho * phi_inorg))^(1/3) * (c / c_ref)^delta * exp(tau * u_T)
+
+* polydispersity (section 4), droplet and process terms in quadrature, in percent::
+
+      CV_SP^2 = CV_drop^2 + CV_process^2
+      CV_drop = cv0 * (1 + kappa * ln(r / r_opt)^2)
+      CV_process = p0 * exp(-s * u_T + h * u_T^2)         (h > 0 allows a hot optimum)
+
+Parameters live in an unconstrained space (``log_`` prefix = natural log) with independent normal
+priors ``(mean, sd)`` read from a preset in ``models/``. Functions take settings as an `n x 3`
+tensor in physical units (columns: :data:`supraopt.records.PARAMETERS`) and a parameter vector
+``theta`` (`p` or `b x p`) in the order of :data:`SIZE_PARAMETERS` / :data:`PDI_PARAMETERS`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from supraopt.errors import SpecError
+from supraopt.records import PARAMETERS
+from supraopt.spec import preset_path, read_toml
+
+SIZE_PARAMETERS: tuple[str, ...] = (
+    "log_droplet_k",
+    "droplet_exponent_a",
+    "droplet_temp_per_10c",
+    "log_phi_inorg",
+    "exponent_delta",
+    "packing_temp_per_10c",
+)
+PDI_PARAMETERS: tuple[str, ...] = (
+    "log_cv_drop_pct",
+    "log_cv_drop_r_opt",
+    "log_cv_drop_kappa",
+    "log_cv_process_pct",
+    "process_temp_slope",
+    "process_temp_curvature",
+)
+DROPLET_PARAMETERS = SIZE_PARAMETERS[:3]
+
+PhysicsFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A material system on a device: constants, rig envelope, known window and parameter priors."""
+
+    name: str
+    description: str
+    density_g_cm3: float
+    nozzle_um: float
+    reference_concentration_mg_ml: float
+    reference_flow_ratio: float
+    reference_temperature_c: float
+    bounds: dict[str, tuple[float, float]]
+    window_mg_ml: tuple[float, float]
+    """Known concentration window (low edge: hollow SPs, high edge: unstable droplets)."""
+    window_log_sd: float
+    """Prior sd of each edge's natural log: how far another rig may move it."""
+    priors: dict[str, tuple[float, float]]
+    """Parameter name -> (mean, sd) of its normal prior."""
+
+    @classmethod
+    def load(cls, model: str) -> Preset:
+        """Read and validate a preset by name (``models/NAME.toml``) or path."""
+        path = preset_path(model)
+        data = read_toml(path)
+        try:
+            constants, window = data["constants"], data["window"]
+            priors = {name: (float(data["priors"][name][0]), float(data["priors"][name][1])) for name in _ALL}
+            preset = cls(
+                name=str(data.get("name", path.stem)),
+                description=str(data.get("description", "")),
+                density_g_cm3=float(constants["density_g_cm3"]),
+                nozzle_um=float(constants["nozzle_um"]),
+                reference_concentration_mg_ml=float(constants["reference_concentration_mg_ml"]),
+                reference_flow_ratio=float(constants["reference_flow_ratio"]),
+                reference_temperature_c=float(constants["reference_temperature_c"]),
+                bounds={name: (float(data["bounds"][name][0]), float(data["bounds"][name][1])) for name in PARAMETERS},
+                window_mg_ml=(float(window["concentration_low_mg_ml"]), float(window["concentration_high_mg_ml"])),
+                window_log_sd=float(window["log_sd"]),
+                priors=priors,
+            )
+        except KeyError as missing:
+            raise SpecError(f"preset {path}: missing key {missing.args[0]!r}.") from None
+        except (TypeError, ValueError, IndexError) as error:
+            raise SpecError(f"preset {path}: malformed value ({error}).") from None
+        for name, (_, sd) in preset.priors.items():
+            if not sd > 0:
+                raise SpecError(f"preset {path}: prior sd of {name}={sd} must be positive.")
+        return preset
+
+    def prior(self, names: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+        """Prior mean and sd vectors (double) for the given parameter names."""
+        mean = torch.tensor([self.priors[n][0] for n in names], dtype=torch.double)
+        sd = torch.tensor([self.priors[n][1] for n in names], dtype=torch.double)
+        return mean, sd
+
+    def with_priors(self, updates: dict[str, tuple[float, float]]) -> Preset:
+        """A copy whose priors are replaced where ``updates`` names them (used to seed campaigns)."""
+        return Preset(**{**self.__dict__, "priors": {**self.priors, **updates}})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_ALL = SIZE_PARAMETERS + PDI_PARAMETERS
+
+
+def _columns(x: Tensor, preset: Preset) -> tuple[Tensor, Tensor, Tensor]:
+    """log(c / c_ref), log(r / r_ref) and u_T = (T - T_ref)/10 from an `n x 3` physical tensor."""
+    log_c = torch.log(x[..., 0] / preset.reference_concentration_mg_ml)
+    log_r = torch.log(x[..., 1] / preset.reference_flow_ratio)
+    u_t = (x[..., 2] - preset.reference_temperature_c) / 10.0
+    return log_c, log_r, u_t
+
+
+def _split(theta: Tensor, count: int) -> list[Tensor]:
+    return [theta[..., i : i + 1] for i in range(count)]
+
+
+def log_droplet_um(x: Tensor, theta: Tensor, preset: Preset) -> Tensor:
+    """Natural log of the droplet diameter (µm) from flow ratio and temperature.
+
+    Args:
+        x: `n x 3` physical settings.
+        theta: `p` or `b x p` parameters, first three of :data:`SIZE_PARAMETERS`.
+    Returns:
+        `n` (or `b x n`) log droplet diameters.
+    """
+    log_k, a, b_t = _split(theta, 3)
+    _, log_r, u_t = _columns(x, preset)
+    log_r_abs = log_r + math.log(preset.reference_flow_ratio)
+    return log_k + math.log(preset.nozzle_um) - a * log_r_abs + b_t * u_t
+
+
+def log_sp_from_droplet(x: Tensor, log_drop_um: Tensor, theta: Tensor, preset: Preset) -> Tensor:
+    """Natural log of the SP diameter (nm) by mass balance from a (log) droplet diameter in µm."""
+    log_phi, delta, tau = _split(theta[..., 3:6], 3)
+    log_c, _, u_t = _columns(x, preset)
+    c_g_cm3 = x[..., 0] * 1e-3
+    third = (torch.log(c_g_cm3) - math.log(preset.density_g_cm3) - log_phi) / 3.0
+    return log_drop_um + math.log(1000.0) + third + delta * log_c + tau * u_t
+
+
+def log_sp_diameter_nm(x: Tensor, theta: Tensor, preset: Preset) -> Tensor:
+    """Natural log of the SP diameter (nm): droplet law then mass balance. Shapes as above."""
+    return log_sp_from_droplet(x, log_droplet_um(x, theta, preset), theta, preset)
+
+
+def log_pdi_pct(x: Tensor, theta: Tensor, preset: Preset) -> Tensor:
+    """Natural log of the SP polydispersity (CV in %), droplet and process terms in quadrature."""
+    log_cv0, log_r_opt, log_kappa, log_p0, slope, curvature = _split(theta, 6)
+    _, log_r, u_t = _columns(x, preset)
+    log_r_abs = log_r + math.log(preset.reference_flow_ratio)
+    cv_drop = torch.exp(log_cv0) * (1.0 + torch.exp(log_kappa) * (log_r_abs - log_r_opt) ** 2)
+    cv_process = torch.exp(log_p0 - slope * u_t + curvature * u_t**2)
+    return 0.5 * torch.log(cv_drop**2 + cv_process**2)
+
+
+def sp_volume_um3(concentration_mg_ml: Tensor, droplet_um: Tensor, phi_inorg: float, density_g_cm3: float) -> Tensor:
+    """Exact mass balance: SP volume = c * V_drop / (rho * phi_inorg), in µm³ (1/3 law, no extras)."""
+    v_drop = math.pi / 6.0 * droplet_um**3
+    return concentration_mg_ml * 1e-3 * v_drop / (density_g_cm3 * phi_inorg)
+
+
+def jacobian(fn: PhysicsFn, x: Tensor, theta: Tensor) -> Tensor:
+    """`n x p` Jacobian of ``fn(x, theta)`` (`n`) with respect to a `p` parameter vector.
+
+    Differentiable with respect to ``x`` (forward mode inside, usable under autograd outside).
+    """
+    return torch.func.jacfwd(fn, argnums=1)(x, theta)

@@ -1,0 +1,162 @@
+"""Plain, frozen, JSON-able records shared by the optimiser, the ledger and the rigs.
+
+Rig adapters depend only on this module and :mod:`supraopt.errors` (never on torch), so a lab
+engineer can write one without knowing anything about Bayesian optimisation.
+
+Units are in the field names: diameters in nm (``diameter_nm``) or µm (``droplet_um``),
+polydispersity as a coefficient of variation in percent (``pdi_pct``: 5.0 means 5 %).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from supraopt.errors import InputError
+
+PARAMETERS: tuple[str, ...] = ("concentration_mg_ml", "flow_ratio", "temperature_c")
+"""The controls supraopt optimises, in the order used for tensors."""
+
+UNITS: dict[str, str] = {
+    "concentration_mg_ml": "mg/mL",
+    "flow_ratio": "Q_c/Q_d",
+    "temperature_c": "°C",
+}
+
+
+def _finite(name: str, value: float, low: float, high: float) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name}={value!r} is not a number.") from None
+    if not math.isfinite(value) or not low < value < high:
+        raise InputError(f"{name}={value} is not plausible: expected a value in ({low:g}, {high:g}).")
+    return value
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """One experiment to run: the settings the rig must apply, keyed by a stable id."""
+
+    experiment_id: str
+    """Stable id of the experiment; a rig must treat a second submit with it as a no-op."""
+    settings: dict[str, float]
+    """Parameter name (see :data:`PARAMETERS`) -> value in the unit its name carries."""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"experiment_id": self.experiment_id, "settings": dict(self.settings)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Proposal:
+        return cls(str(data["experiment_id"]), {k: float(v) for k, v in data["settings"].items()})
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """What the rig measured for one successful run."""
+
+    diameter_nm: float
+    """Mean supraparticle diameter."""
+    pdi_pct: float
+    """Polydispersity: coefficient of variation of the SP diameter, in percent."""
+    n_particles: int | None = None
+    """Number of particles sized; sets the measurement's standard error when given."""
+    droplet_um: float | None = None
+    """Mean droplet diameter measured in-line, when the rig has a camera."""
+
+    def __post_init__(self) -> None:
+        _finite("diameter_nm", self.diameter_nm, 0.0, 1e7)
+        _finite("pdi_pct", self.pdi_pct, -1e-12, 200.0)
+        if self.n_particles is not None and (
+            not isinstance(self.n_particles, int) or isinstance(self.n_particles, bool) or self.n_particles < 2
+        ):
+            raise InputError(f"n_particles={self.n_particles!r} must be an integer of at least 2.")
+        if self.droplet_um is not None:
+            _finite("droplet_um", self.droplet_um, 0.0, 1e5)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurement:
+        n = data.get("n_particles")
+        drop = data.get("droplet_um")
+        return cls(
+            diameter_nm=data["diameter_nm"],
+            pdi_pct=data["pdi_pct"],
+            n_particles=None if n is None else int(n),
+            droplet_um=None if drop is None else float(drop),
+        )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A run whose chemistry failed (no usable SPs). Information for the feasibility model."""
+
+    reason: str
+    """Free text, e.g. "droplets unstable" or "hollow particles"."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.reason, str) or not self.reason.strip():
+            raise InputError(f"failure reason={self.reason!r} must be a non-empty text.")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"reason": self.reason}
+
+
+class RunState(StrEnum):
+    """What a rig knows about a submitted run."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    """Finished with a :class:`Measurement`."""
+    FAILED = "failed"
+    """Finished, the chemistry failed: carries a :class:`Failure`."""
+    LOST = "lost"
+    """The rig has no run under this id (never received, or lost): not a chemical result."""
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """Answer of :meth:`Rig.poll`."""
+
+    experiment_id: str
+    state: RunState
+    result: Measurement | Failure | None = None
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.state is RunState.DONE and not isinstance(self.result, Measurement):
+            raise InputError(f"run {self.experiment_id} is done but carries no measurement: {self.result!r}.")
+        if self.state is RunState.FAILED and not isinstance(self.result, Failure):
+            raise InputError(f"run {self.experiment_id} failed but carries no failure reason: {self.result!r}.")
+
+
+@dataclass(frozen=True)
+class RigLimits:
+    """Hard safety limits of a rig: inclusive bounds per parameter, in the parameter's unit."""
+
+    bounds: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def violations(self, settings: dict[str, float]) -> list[str]:
+        """Return one message per setting outside the limits (empty when safe)."""
+        problems = []
+        for name, (low, high) in self.bounds.items():
+            if name not in settings:
+                problems.append(f"{name} is missing")
+                continue
+            value = settings[name]
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low <= value <= high):
+                problems.append(f"{name}={value} outside rig limits [{low:g}, {high:g}]")
+        return problems
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {k: [lo, hi] for k, (lo, hi) in self.bounds.items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RigLimits:
+        return cls({k: (float(v[0]), float(v[1])) for k, v in data.items()})
