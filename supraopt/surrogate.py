@@ -1,0 +1,382 @@
+"""Surrogates: GPs whose prior is the physics model, and a feasibility model for failed runs.
+
+**Physics GP.** An outcome ``y(x) = f(x; theta) + g(x) + noise`` on a log scale, with the physics
+parameters ``theta ~ N(mu, diag(sd^2))`` from the preset and ``g`` a Matérn-5/2 residual that
+learns where the rig departs from the physics. The physics enters linearised about a point
+``theta_lin`` (exact for the log size, which is linear in its parameters)::
+
+    mean(x)      = f(x; theta_lin) + J(x) (mu - theta_lin)        PhysicsMean
+    cov(x, x')   = J(x) Sigma J(x')^T  +  s^2 Matern(x, x')         PhysicsKernel + ScaleKernel
+
+so the physics parameters are integrated out analytically: their posterior given the data is the
+MAP estimate with its exact (Laplace) covariance, and the GP's predictive variance knows that,
+say, the flow-ratio exponent is less certain than the 1/3 of the mass balance. For the nonlinear
+polydispersity law ``theta_lin`` is moved to the posterior mean and the GP refitted
+(Gauss-Newton). Residual hyperparameters (lengthscales, outputscale, extra noise) are fitted by
+MAP under their priors with BoTorch's ``fit_gpytorch_mll``.
+
+Inputs are unit-cube points (see :mod:`supraopt.space`); the mean and kernel map them back to
+physical units themselves. Outcomes are modelled unstandardised on their physical log scale (no
+outcome transform): ``log(diameter_nm)`` and ``log(pdi_pct)``. Measurement noise comes from the
+data (standard error of a mean of n particles) plus a learned extra term.
+
+**Feasibility.** Failed runs sit at the edges of a concentration window (hollow SPs below,
+unstable droplets above: SCIENCE.md section 5). Each edge has a prior from the preset and a
+posterior on a grid given every run: successes push edges outward, failures whose reason names
+an edge pull that edge in, failures of unknown cause pull the nearer edge. A local penalty around
+every failed point keeps the optimiser away from failures the window does not explain.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import gpytorch
+import torch
+from botorch.exceptions.warnings import OptimizationWarning
+from botorch.fit import fit_gpytorch_mll
+from botorch.models import SingleTaskGP
+from gpytorch.kernels import Kernel, MaternKernel, ScaleKernel
+from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
+from gpytorch.means import Mean
+from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.priors import GammaPrior
+from torch import Tensor
+
+from supraopt import physics
+from supraopt.physics import PhysicsFn, Preset
+from supraopt.space import SearchSpace
+
+FIT_SUBSET = 300
+"""Hyperparameters are fitted on at most this many runs (the GP still conditions on all)."""
+MAX_CHOLESKY = 20_000
+"""Exact Cholesky up to this many runs (GPyTorch would switch to CG at 800)."""
+
+SEM_CALIBRATION_SD = 0.015
+"""Relative systematic error of one sized sample (SEM calibration, drying): SCIENCE.md section 6."""
+DEFAULT_N_PARTICLES = 50
+"""Particles assumed sized when a measurement does not say."""
+
+
+@dataclass(frozen=True)
+class ResidualPrior:
+    """Prior scale of the GP residual and of the extra (unexplained) noise, on the log scale."""
+
+    sd: float
+    noise_sd: float
+    lengthscale_mean: float = 0.5
+
+
+SIZE_RESIDUAL = ResidualPrior(sd=0.06, noise_sd=0.01)
+PDI_RESIDUAL = ResidualPrior(sd=0.25, noise_sd=0.08)
+
+
+class PhysicsMean(Mean):
+    """GPyTorch mean: the physics model linearised about ``theta_lin``, fed unit-cube inputs."""
+
+    def __init__(self, fn: PhysicsFn, space: SearchSpace, prior_mean: Tensor, theta_lin: Tensor) -> None:
+        super().__init__()
+        self.fn, self.space = fn, space
+        self.register_buffer("prior_mean", prior_mean)
+        self.register_buffer("theta_lin", theta_lin)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.space.from_unit(z)
+        value = self.fn(x, self.theta_lin)
+        if torch.equal(self.theta_lin, self.prior_mean):
+            return value
+        return value + physics.jacobian(self.fn, x, self.theta_lin) @ (self.prior_mean - self.theta_lin)
+
+
+class PhysicsKernel(Kernel):
+    """GPyTorch kernel ``J(x) Sigma J(x')^T``: the covariance the uncertain physics parameters induce."""
+
+    def __init__(self, fn: PhysicsFn, space: SearchSpace, prior_sd: Tensor, theta_lin: Tensor) -> None:
+        super().__init__()
+        self.fn, self.space = fn, space
+        self.register_buffer("prior_var", prior_sd**2)
+        self.register_buffer("theta_lin", theta_lin)
+        self._cache: tuple[tuple[int, tuple[int, ...], int], Tensor] | None = None
+
+    def features(self, z: Tensor) -> Tensor:
+        """`... x n x p` Jacobian of the physics at unit-cube points ``z`` (training inputs cached)."""
+        if z.requires_grad:
+            return physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
+        key = (z.data_ptr(), tuple(z.shape), z._version)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin))
+        return self._cache[1]
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params: object) -> Tensor:
+        j1 = self.features(x1)
+        if diag:
+            if torch.equal(x1, x2):
+                return (j1**2 * self.prior_var).sum(-1)
+            return (j1 * self.prior_var * self.features(x2)).sum(-1)
+        j2 = j1 if torch.equal(x1, x2) else self.features(x2)
+        return (j1 * self.prior_var) @ j2.transpose(-1, -2)
+
+
+class PhysicsGP:
+    """A GP on one log-scale outcome with the physics model as its prior (see module docstring)."""
+
+    def __init__(
+        self,
+        fn: PhysicsFn,
+        preset: Preset,
+        names: tuple[str, ...],
+        space: SearchSpace,
+        residual: ResidualPrior,
+    ) -> None:
+        self.fn, self.space, self.names, self.residual = fn, space, names, residual
+        self.prior_mean, self.prior_sd = preset.prior(names)
+        self.theta_lin = self.prior_mean.clone()
+        self.model: SingleTaskGP | None = None
+        self._build_prior_modules()
+
+    def _modules(self) -> tuple[PhysicsMean, Kernel]:
+        residual = ScaleKernel(
+            MaternKernel(
+                nu=2.5,
+                ard_num_dims=self.space.dim,
+                lengthscale_prior=GammaPrior(3.0, 3.0 / self.residual.lengthscale_mean),
+            ),
+            outputscale_prior=GammaPrior(2.0, 2.0 / self.residual.sd**2),
+        )
+        residual.outputscale = self.residual.sd**2
+        residual.base_kernel.lengthscale = self.residual.lengthscale_mean
+        mean = PhysicsMean(self.fn, self.space, self.prior_mean, self.theta_lin)
+        kernel = PhysicsKernel(self.fn, self.space, self.prior_sd, self.theta_lin) + residual
+        return mean, kernel.to(torch.double)
+
+    def _build_prior_modules(self) -> None:
+        self.prior_mean_module, self.prior_covar_module = self._modules()
+
+    def fit(self, z: Tensor, y: Tensor, yvar: Tensor, *, relinearise: int = 0, fit_hypers: bool = True) -> PhysicsGP:
+        """Condition on `n x 3` unit-cube inputs, `n` log outcomes and their `n` noise variances.
+
+        Hyperparameters are fitted by MAP when there are at least 4 runs (fewer cannot inform
+        them; the priors' modes are used). ``relinearise`` Gauss-Newton passes move the
+        linearisation point to the physics parameters' posterior mean.
+        """
+        if z.shape[0] == 0:
+            self.model = None
+            return self
+        hypers: dict[str, Tensor] | None = None
+        for step in range(relinearise + 1):
+            if step:
+                self.theta_lin = self.parameter_posterior(z, y)[0]
+            mean, kernel = self._modules()
+            likelihood = FixedNoiseGaussianLikelihood(
+                noise=yvar.clamp_min(1e-8),
+                learn_additional_noise=True,
+                noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
+            )
+            model = SingleTaskGP(
+                z,
+                y.unsqueeze(-1),
+                likelihood=likelihood,
+                mean_module=mean,
+                covar_module=kernel,
+                outcome_transform=None,
+            ).to(torch.double)
+            model.likelihood.second_noise_covar.noise = self.residual.noise_sd**2
+            if hypers is not None:  # a Gauss-Newton pass keeps the residual hyperparameters
+                model.load_state_dict(hypers, strict=False)
+            elif fit_hypers and z.shape[0] >= 4:
+                model.load_state_dict(self._fit_hypers(z, y, yvar, mean, kernel), strict=False)
+            hypers = {k: v for k, v in model.state_dict().items() if "raw_" in k}
+            model.eval()
+            self.model = model
+        return self
+
+    def _fit_hypers(self, z: Tensor, y: Tensor, yvar: Tensor, mean: Mean, kernel: Kernel) -> dict[str, Tensor]:
+        """MAP residual hyperparameters; above :data:`FIT_SUBSET` runs on a seeded random subset."""
+        if z.shape[0] > FIT_SUBSET:
+            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:FIT_SUBSET]
+            z, y, yvar = z[keep], y[keep], yvar[keep]
+        likelihood = FixedNoiseGaussianLikelihood(
+            noise=yvar.clamp_min(1e-8),
+            learn_additional_noise=True,
+            noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
+        )
+        likelihood.second_noise_covar.noise = self.residual.noise_sd**2
+        model = SingleTaskGP(
+            z, y.unsqueeze(-1), likelihood=likelihood, mean_module=mean, covar_module=kernel, outcome_transform=None
+        ).to(torch.double)
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
+            # L-BFGS may stop "abnormally" on a flat MAP surface; the iterate is still usable
+            warnings.simplefilter("ignore", OptimizationWarning)
+            fit_gpytorch_mll(
+                ExactMarginalLogLikelihood(likelihood, model), optimizer_kwargs={"options": {"maxiter": 60}}
+            )
+        return {k: v for k, v in model.state_dict().items() if "raw_" in k}
+
+    def moments(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent posterior mean and variance (`n` each) at unit-cube points; differentiable in ``z``."""
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+            if self.model is None:
+                mean = self.prior_mean_module(z)
+                var = self.prior_covar_module(z, diag=True)
+                return mean, var
+            dist = self.model(z)
+            return dist.mean, dist.variance.clamp_min(1e-12)
+
+    def joint(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent posterior mean `n` and covariance `n x n` at unit-cube points."""
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+            if self.model is None:
+                return self.prior_mean_module(z), self.prior_covar_module(z).to_dense()
+            dist = self.model(z)
+            return dist.mean, dist.covariance_matrix
+
+    def parameter_posterior(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and covariance of the physics parameters given the training data.
+
+        ``theta | y ~ N(mu + Sigma J^T K^-1 (y - m), Sigma - Sigma J^T K^-1 J Sigma)``, with ``K``
+        the full training covariance (physics + residual + noise) at the fitted hyperparameters.
+        """
+        var = self.prior_sd**2
+        if self.model is None or z.shape[0] == 0:
+            return self.prior_mean.clone(), torch.diag(var)
+        with torch.no_grad():
+            model = self.model
+            j = physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
+            k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
+            chol = torch.linalg.cholesky(k + 1e-9 * torch.eye(len(k), dtype=k.dtype))
+            resid = (y - model.mean_module(z)).unsqueeze(-1)
+            sj = j * var  # n x p: J Sigma
+            a = torch.cholesky_solve(sj, chol)  # K^-1 J Sigma
+            mean = self.prior_mean + (a.transpose(0, 1) @ resid).squeeze(-1)
+            cov = torch.diag(var) - sj.transpose(0, 1) @ a
+        return mean, 0.5 * (cov + cov.T)
+
+
+def size_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
+    """GP on ``log(diameter_nm)`` with the droplet law + mass balance as prior."""
+
+    def fn(x: Tensor, theta: Tensor) -> Tensor:
+        return physics.log_sp_diameter_nm(x, theta, preset)
+
+    return PhysicsGP(fn, preset, physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
+
+
+def pdi_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
+    """GP on ``log(pdi_pct)`` with the droplet + process polydispersity law as prior."""
+
+    def fn(x: Tensor, theta: Tensor) -> Tensor:
+        return physics.log_pdi_pct(x, theta, preset)
+
+    return PhysicsGP(fn, preset, physics.PDI_PARAMETERS, space, PDI_RESIDUAL)
+
+
+def size_noise_var(pdi_pct: Tensor, n_particles: Tensor) -> Tensor:
+    """Variance of log(mean diameter): (CV / sqrt(n))^2 plus the systematic calibration error."""
+    return (pdi_pct / 100.0) ** 2 / n_particles + SEM_CALIBRATION_SD**2
+
+
+def pdi_noise_var(n_particles: Tensor) -> Tensor:
+    """Variance of log(CV) from n particles: (1 / sqrt(2n))^2 plus 5 % of method scatter."""
+    return 1.0 / (2.0 * n_particles) + 0.05**2
+
+
+# --- feasibility ---------------------------------------------------------------------------------
+
+HIGH_EDGE = re.compile(r"unstable|merg|coalesc|clog|jet|sediment|too (concentrated|high)|aggregat|block", re.I)
+LOW_EDGE = re.compile(r"hollow|cream|buoyant|broken|shell|incomplete|too (dilute|low)|no (sp|supra)", re.I)
+
+
+def failure_edge(reason: str) -> str | None:
+    """Which window edge a failure reason points to: 'high', 'low' or None (unknown)."""
+    high, low = bool(HIGH_EDGE.search(reason)), bool(LOW_EDGE.search(reason))
+    if high == low:
+        return None
+    return "high" if high else "low"
+
+
+class FeasibilityModel:
+    """Probability that a run at given settings yields usable SPs (see module docstring).
+
+    Args:
+        preset: supplies the prior window (edges and their log-sd).
+        space: maps unit-cube points to settings.
+        log_c_ok: `n_ok` log concentrations of runs that gave SPs.
+        failures: `(log concentration, unit-cube point, reason)` of every failed run.
+    """
+
+    GRID = 400
+    SOFTNESS = 0.05
+    """Width of an edge in natural-log concentration (edges are sharp: SCIENCE.md section 5)."""
+    MISLABEL = 0.03
+    """Probability that a run's outcome has nothing to do with the window."""
+    PENALTY = 0.9
+    PENALTY_RADIUS = 0.07
+
+    def __init__(
+        self,
+        preset: Preset,
+        space: SearchSpace,
+        log_c_ok: Tensor,
+        failures: Sequence[tuple[float, Tensor, str]],
+    ) -> None:
+        self.space = space
+        low, high = preset.window_mg_ml
+        sd = preset.window_log_sd
+        lo_b, hi_b = (math.log(b) for b in space.bounds["concentration_mg_ml"])
+        self.low_grid = torch.linspace(min(lo_b, math.log(low)) - 3 * sd, math.log(low) + 3 * sd, self.GRID)
+        self.high_grid = torch.linspace(math.log(high) - 3 * sd, max(hi_b, math.log(high)) + 3 * sd, self.GRID)
+        log_post_low = -0.5 * ((self.low_grid - math.log(low)) / sd) ** 2
+        log_post_high = -0.5 * ((self.high_grid - math.log(high)) / sd) ** 2
+        self.fail_points = torch.stack([f[1] for f in failures]) if failures else torch.empty(0, space.dim)
+        log_post_low = log_post_low.double()
+        log_post_high = log_post_high.double()
+        for u in log_c_ok.tolist():
+            log_post_low += self._log_mix(self._below(u, self.low_grid, inside=True))
+            log_post_high += self._log_mix(self._above(u, self.high_grid, inside=True))
+        for u, _, reason in failures:
+            edge = failure_edge(reason) or self._nearer_edge(u, log_post_low, log_post_high)
+            if edge == "high":
+                log_post_high += self._log_mix(self._above(u, self.high_grid, inside=False))
+            else:
+                log_post_low += self._log_mix(self._below(u, self.low_grid, inside=False))
+        self.w_low = torch.softmax(log_post_low, 0)
+        self.w_high = torch.softmax(log_post_high, 0)
+
+    def _log_mix(self, p: Tensor) -> Tensor:
+        return torch.log(self.MISLABEL + (1 - 2 * self.MISLABEL) * p)
+
+    def _below(self, u: float, grid: Tensor, inside: bool) -> Tensor:
+        """P(u is above the low edge) for each low-edge value on the grid (or its complement)."""
+        p = torch.special.ndtr((u - grid.double()) / self.SOFTNESS)
+        return p if inside else 1 - p
+
+    def _above(self, u: float, grid: Tensor, inside: bool) -> Tensor:
+        p = torch.special.ndtr((grid.double() - u) / self.SOFTNESS)
+        return p if inside else 1 - p
+
+    def _nearer_edge(self, u: float, log_post_low: Tensor, log_post_high: Tensor) -> str:
+        low = float((torch.softmax(log_post_low, 0) * self.low_grid).sum())
+        high = float((torch.softmax(log_post_high, 0) * self.high_grid).sum())
+        return "high" if u - low > high - u else "low"
+
+    def edges_mg_ml(self) -> tuple[float, float]:
+        """Posterior-mean window edges, in mg/mL."""
+        low = float((self.w_low * self.low_grid.double()).sum())
+        high = float((self.w_high * self.high_grid.double()).sum())
+        return math.exp(low), math.exp(high)
+
+    def prob(self, z: Tensor) -> Tensor:
+        """P(feasible) at `... x 3` unit-cube points (`...`); differentiable in ``z``."""
+        log_c = torch.log(self.space.from_unit(z)[..., 0]).unsqueeze(-1)
+        p_low = (self.w_low * torch.special.ndtr((log_c - self.low_grid.double()) / self.SOFTNESS)).sum(-1)
+        p_high = (self.w_high * torch.special.ndtr((self.high_grid.double() - log_c) / self.SOFTNESS)).sum(-1)
+        p = p_low * p_high
+        if len(self.fail_points):
+            d2 = ((z.unsqueeze(-2) - self.fail_points) ** 2).sum(-1)
+            bump = self.PENALTY * torch.exp(-0.5 * d2 / self.PENALTY_RADIUS**2)
+            p = p * torch.prod(1 - bump, dim=-1)
+        return p
