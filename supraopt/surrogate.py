@@ -34,6 +34,7 @@ import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import gpytorch
 import torch
@@ -75,10 +76,19 @@ SIZE_RESIDUAL = ResidualPrior(sd=0.06, noise_sd=0.01)
 PDI_RESIDUAL = ResidualPrior(sd=0.25, noise_sd=0.08)
 
 
+class UnitMap(Protocol):
+    """What the GP needs of a search space: its dimension and the unit-cube -> physical map."""
+
+    @property
+    def dim(self) -> int: ...
+
+    def from_unit(self, z: Tensor) -> Tensor: ...
+
+
 class PhysicsMean(Mean):
     """GPyTorch mean: the physics model linearised about ``theta_lin``, fed unit-cube inputs."""
 
-    def __init__(self, fn: PhysicsFn, space: SearchSpace, prior_mean: Tensor, theta_lin: Tensor) -> None:
+    def __init__(self, fn: PhysicsFn, space: UnitMap, prior_mean: Tensor, theta_lin: Tensor) -> None:
         super().__init__()
         self.fn, self.space = fn, space
         self.register_buffer("prior_mean", prior_mean)
@@ -95,7 +105,7 @@ class PhysicsMean(Mean):
 class PhysicsKernel(Kernel):
     """GPyTorch kernel ``J(x) Sigma J(x')^T``: the covariance the uncertain physics parameters induce."""
 
-    def __init__(self, fn: PhysicsFn, space: SearchSpace, prior_sd: Tensor, theta_lin: Tensor) -> None:
+    def __init__(self, fn: PhysicsFn, space: UnitMap, prior_sd: Tensor, theta_lin: Tensor) -> None:
         super().__init__()
         self.fn, self.space = fn, space
         self.register_buffer("prior_var", prior_sd**2)
@@ -127,13 +137,21 @@ class PhysicsGP:
     def __init__(
         self,
         fn: PhysicsFn,
-        preset: Preset,
+        prior: tuple[Tensor, Tensor],
         names: tuple[str, ...],
-        space: SearchSpace,
+        space: UnitMap,
         residual: ResidualPrior,
     ) -> None:
+        """
+        Args:
+            fn: physics model ``fn(x, theta)``: `n x d` physical inputs, `p` parameters -> `n` outcomes.
+            prior: mean and sd (`p` each) of the independent normal priors of the parameters.
+            names: the `p` parameter names, for reports.
+            space: maps unit-cube inputs to physical ones (``from_unit``) and knows ``dim``.
+            residual: prior scales of the GP residual and the extra noise.
+        """
         self.fn, self.space, self.names, self.residual = fn, space, names, residual
-        self.prior_mean, self.prior_sd = preset.prior(names)
+        self.prior_mean, self.prior_sd = prior
         self.theta_lin = self.prior_mean.clone()
         self.model: SingleTaskGP | None = None
         self._build_prior_modules()
@@ -262,7 +280,7 @@ def size_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
     def fn(x: Tensor, theta: Tensor) -> Tensor:
         return physics.log_sp_diameter_nm(x, theta, preset)
 
-    return PhysicsGP(fn, preset, physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
+    return PhysicsGP(fn, preset.prior(physics.SIZE_PARAMETERS), physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
 
 
 def pdi_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
@@ -271,7 +289,7 @@ def pdi_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
     def fn(x: Tensor, theta: Tensor) -> Tensor:
         return physics.log_pdi_pct(x, theta, preset)
 
-    return PhysicsGP(fn, preset, physics.PDI_PARAMETERS, space, PDI_RESIDUAL)
+    return PhysicsGP(fn, preset.prior(physics.PDI_PARAMETERS), physics.PDI_PARAMETERS, space, PDI_RESIDUAL)
 
 
 def size_noise_var(pdi_pct: Tensor, n_particles: Tensor) -> Tensor:
