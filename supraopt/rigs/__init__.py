@@ -1,0 +1,80 @@
+"""Rig adapters and how a campaign loads one from its ``[rig]`` table.
+
+Built in: ``simulated`` (the digital twin, :mod:`supraopt.rigs.simulated`), ``manual`` (a person runs
+the experiments, :mod:`supraopt.rigs.manual`) and ``http`` (a rig behind a web API). Any other class
+with the four methods of :class:`Rig` is named as ``"package.module:ClassName"``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from supraopt.errors import SpecError
+from supraopt.rigs.base import Rig
+from supraopt.rigs.manual import ManualRig
+from supraopt.rigs.simulated import SimulatedRig, World
+from supraopt.spec import SPEC_FILE, load_spec
+
+__all__ = ["ManualRig", "Rig", "SimulatedRig", "World", "load_rig"]
+
+SIMULATED_STATE_FILE = "simulated-rig-state.json"
+_METHODS = ("limits", "submit", "poll", "cancel")
+
+
+def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
+    """Build the rig named by ``adapter`` with ``options`` (the ``[rig.options]`` table).
+
+    ``simulated`` keeps its runs in ``<campaign_dir>/simulated-rig-state.json`` unless
+    ``state_path`` is given, and simulates the campaign's ``model`` unless ``preset`` is given;
+    ``manual`` works in ``campaign_dir``. Every problem is a :class:`SpecError` naming the adapter.
+    """
+    options = dict(options)
+    campaign_dir = Path(campaign_dir)
+    if adapter == "simulated":
+        options.setdefault("state_path", str(campaign_dir / SIMULATED_STATE_FILE))
+        if "preset" not in options and (campaign_dir / SPEC_FILE).is_file():
+            model = load_spec(campaign_dir).model
+            local = campaign_dir / model
+            options["preset"] = str(local) if model.endswith(".toml") and local.is_file() else model
+        cls: Any = SimulatedRig
+    elif adapter == "manual":
+        options["directory"] = campaign_dir
+        cls = ManualRig
+    elif adapter == "http":
+        cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
+    elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
+        cls = _import_class(adapter, *adapter.split(":"))
+    else:
+        raise SpecError(
+            f"unknown rig adapter {adapter!r}: use 'simulated', 'manual', 'http' or 'package.module:ClassName'."
+        )
+    try:
+        rig = cls(**options)
+    except Exception as error:  # a third-party constructor may raise anything
+        raise SpecError(f"rig adapter {adapter!r} rejected its options {options!r}: {_clause(error)}.") from error
+    missing = [name for name in _METHODS if not callable(getattr(rig, name, None))]
+    if missing:
+        raise SpecError(f"rig adapter {adapter!r} is not a rig: it lacks {', '.join(f'{name}()' for name in missing)}.")
+    return rig
+
+
+def _import_class(adapter: str, module_name: str, class_name: str) -> Any:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name is not None and (module_name + ".").startswith(error.name + "."):
+            raise SpecError(f"rig adapter {adapter!r}: module {module_name!r} not found.") from error
+        raise SpecError(f"rig adapter {adapter!r}: importing {module_name!r} failed: {_clause(error)}.") from error
+    except Exception as error:  # whatever the module raises while it loads
+        raise SpecError(f"rig adapter {adapter!r}: importing {module_name!r} failed: {_clause(error)}.") from error
+    cls = getattr(module, class_name, None)
+    if not callable(cls):
+        raise SpecError(f"rig adapter {adapter!r}: module {module_name!r} has no class {class_name!r}.")
+    return cls
+
+
+def _clause(error: BaseException) -> str:
+    """An exception's message as a clause for a one-sentence error."""
+    return (str(error).strip().rstrip(".") or type(error).__name__).replace("\n", " ")
