@@ -1,0 +1,290 @@
+"""A campaign: the spec plus its ledger. Suggest, record, ask again.
+
+*The data is the state, the model is derived*: every :meth:`Campaign.suggest` refits the
+surrogates from the ledger, so a campaign can be resumed, shared or corrected at any time.
+
+    >>> campaign = Campaign.create("campaigns/my-450", model="cspbbr3-flow-focusing", target_nm=450)
+    >>> [s] = campaign.suggest()
+    >>> campaign.record(s.experiment_id, Measurement(diameter_nm=441.0, pdi_pct=4.8, n_particles=120))
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from supraopt import physics
+from supraopt.acquisition import HitProbability, propose
+from supraopt.errors import InputError, LedgerError, SpecError
+from supraopt.ledger import OPEN, Experiment, Ledger, Status
+from supraopt.physics import Preset
+from supraopt.records import Failure, Measurement
+from supraopt.space import SearchSpace
+from supraopt.spec import SPEC_FILE, CampaignSpec, RigSettings, Target, default_bounds, load_spec, preset_path
+from supraopt.surrogate import (
+    DEFAULT_N_PARTICLES,
+    FeasibilityModel,
+    PhysicsGP,
+    pdi_gp,
+    pdi_noise_var,
+    size_gp,
+    size_noise_var,
+)
+
+MIN_PDI_PCT = 0.3
+"""Floor under measured PDI values before taking logs (a 0 % CV is a measuring artefact)."""
+
+
+@dataclass(frozen=True)
+class Suggestion:
+    """A proposed experiment, as stored in the ledger."""
+
+    experiment_id: str
+    settings: dict[str, float]
+    prediction: dict[str, float]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.experiment_id, "settings": self.settings, "prediction": self.prediction}
+
+
+@dataclass(frozen=True)
+class Surrogates:
+    """Everything fitted from the ledger for one suggestion."""
+
+    size: PhysicsGP
+    pdi: PhysicsGP
+    feasibility: FeasibilityModel
+    acquisition: HitProbability
+    pending_z: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CampaignStatus:
+    """Summary for humans and scripts."""
+
+    target: Target
+    counts: dict[str, int]
+    best: Experiment | None
+    hit: bool
+    experiments: list[Experiment] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target.__dict__,
+            "counts": self.counts,
+            "hit": self.hit,
+            "best": None if self.best is None else experiment_json(self.best),
+            "experiments": [experiment_json(e) for e in self.experiments],
+        }
+
+
+def experiment_json(e: Experiment) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "status": str(e.status),
+        "settings": e.settings,
+        "prediction": e.prediction,
+        "measurement": None if e.measurement is None else e.measurement.to_json(),
+        "failure": None if e.failure is None else e.failure.reason,
+        "note": e.note,
+        "created_at": e.created_at.isoformat(),
+    }
+
+
+def miss_distance(target: Target, measurement: Measurement) -> float:
+    """How far a result is from the target in units of the tolerances: a hit is <= 1."""
+    size = abs(measurement.diameter_nm / target.diameter_nm - 1.0) / target.tolerance
+    return max(size, measurement.pdi_pct / target.pdi_max_pct)
+
+
+def resolve_model(model: str, directory: Path) -> str:
+    """A preset name, or a preset file path relative to the campaign folder."""
+    candidate = directory / model
+    return str(candidate) if model.endswith(".toml") and candidate.is_file() else model
+
+
+class Campaign:
+    """A campaign folder: ``campaign.toml`` (the spec) and the ledger. Use :meth:`create` / :meth:`open`."""
+
+    def __init__(self, directory: Path, spec: CampaignSpec, ledger: Ledger) -> None:
+        self.directory, self.spec, self.ledger = directory, spec, ledger
+        self.preset = Preset.load(resolve_model(spec.model, directory))
+        self.space = SearchSpace(spec.bounds)
+        self.last_suggest_seconds = math.nan
+
+    # --- lifecycle --------------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        directory: str | Path,
+        model: str,
+        target_nm: float,
+        *,
+        tolerance: float = 0.03,
+        pdi_max_pct: float = 6.0,
+        seed: int = 0,
+        bounds: dict[str, tuple[float, float]] | None = None,
+        rig: RigSettings | None = None,
+        name: str | None = None,
+        ledger_url: str | None = None,
+    ) -> Campaign:
+        """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign."""
+        directory = Path(directory)
+        if (directory / SPEC_FILE).exists():
+            raise SpecError(f"{directory} already holds a campaign; pick another folder or open it.")
+        preset_path(resolve_model(model, directory))
+        spec = CampaignSpec(
+            name=name or directory.name,
+            model=model,
+            target=Target(float(target_nm), float(tolerance), float(pdi_max_pct)),
+            bounds=bounds or default_bounds(resolve_model(model, directory)),
+            seed=seed,
+            rig=rig or RigSettings(),
+            ledger_url=ledger_url,
+        )
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (SPEC_FILE + ".tmp")
+        tmp.write_text(spec.to_toml(), encoding="utf-8")
+        tmp.replace(directory / SPEC_FILE)
+        return cls.open(directory)
+
+    @classmethod
+    def open(cls, directory: str | Path) -> Campaign:
+        directory = Path(directory)
+        spec = load_spec(directory)
+        url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
+        return cls(directory, spec, Ledger(url))
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Campaign:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- model ------------------------------------------------------------------------------------
+
+    def fit(self, experiments: Sequence[Experiment] | None = None) -> Surrogates:
+        """Fit the surrogates to the ledger (or to the given experiments)."""
+        experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
+        failed = [e for e in experiments if e.status is Status.FAILED and e.failure is not None]
+        ok = done + [e for e in experiments if e.status is Status.DONE and e.measurement is None]
+        open_ = [e for e in experiments if e.status in OPEN]
+        z_done = self.space.to_unit(self.space.tensor([e.settings for e in done]))
+        measured = [e.measurement for e in done if e.measurement is not None]
+        diam = torch.tensor([m.diameter_nm for m in measured], dtype=torch.double)
+        pdi = torch.tensor([max(m.pdi_pct, MIN_PDI_PCT) for m in measured], dtype=torch.double)
+        counts = [m.n_particles for m in measured if m.n_particles is not None]
+        n_typical = float(sorted(counts)[len(counts) // 2]) if counts else float(DEFAULT_N_PARTICLES)
+        n_part = torch.tensor([float(m.n_particles or DEFAULT_N_PARTICLES) for m in measured], dtype=torch.double)
+        size = size_gp(self.preset, self.space).fit(z_done, torch.log(diam), size_noise_var(pdi, n_part))
+        pdi_model = pdi_gp(self.preset, self.space).fit(
+            z_done, torch.log(pdi), pdi_noise_var(n_part), relinearise=1 if len(done) >= 3 else 0
+        )
+        log_c_ok = torch.log(self.space.tensor([e.settings for e in ok])[:, 0])
+        failures = [
+            (
+                math.log(e.settings["concentration_mg_ml"]),
+                self.space.to_unit(self.space.tensor([e.settings]))[0],
+                reason,
+            )
+            for e in failed
+            if (reason := e.failure.reason if e.failure else "")
+        ]
+        feasibility = FeasibilityModel(self.preset, self.space, log_c_ok, failures)
+        acquisition = HitProbability(size, pdi_model, feasibility, self.spec.target, n_typical)
+        pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
+        return Surrogates(size, pdi_model, feasibility, acquisition, pending_z)
+
+    # --- the loop verbs ---------------------------------------------------------------------------
+
+    def propose(self, n: int = 1, experiments: Sequence[Experiment] | None = None) -> list[tuple[dict, dict]]:
+        """Compute `n` (settings, prediction) pairs without recording them."""
+        if not (isinstance(n, int) and 1 <= n <= 64):
+            raise InputError(f"number of experiments n={n!r} must be an integer between 1 and 64.")
+        experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        surrogates = self.fit(experiments)
+        seed = self.spec.seed * 100_003 + len(experiments)
+        torch.manual_seed(seed)
+        z = propose(surrogates.acquisition, n, surrogates.pending_z, seed)
+        settings = self.space.settings(self.space.from_unit(z))
+        z_rounded = self.space.to_unit(self.space.tensor(settings))
+        predictions = surrogates.acquisition.predict(z_rounded)
+        return [(s, p.to_json()) for s, p in zip(settings, predictions, strict=True)]
+
+    def suggest(self, n: int = 1) -> list[Suggestion]:
+        """Propose `n` experiments, record them as pending (with their predictions) and return them."""
+        start = time.perf_counter()
+        pairs = self.propose(n)
+        ids = self.ledger.add_pending(pairs)
+        self.last_suggest_seconds = time.perf_counter() - start
+        return [Suggestion(i, s, p) for i, (s, p) in zip(ids, pairs, strict=True)]
+
+    def record(
+        self, experiment_id: str, result: Measurement | Failure, *, note: str = "", correct: bool = False
+    ) -> None:
+        """Record what the rig measured (or that the chemistry failed) for a suggested experiment."""
+        if correct:
+            if not note:
+                note = "corrected by user"
+            self.ledger.correct(experiment_id, result, note)
+        elif isinstance(result, Measurement):
+            self.ledger.record_measurement(experiment_id, result, note)
+        else:
+            self.ledger.record_failure(experiment_id, result, note)
+
+    def add_run(self, settings: dict[str, Any], result: Measurement | Failure, note: str = "") -> str:
+        """Record a run that supraopt did not suggest (e.g. from a lab notebook); returns its new id."""
+        clean = self.space.validate(settings)
+        [experiment_id] = self.ledger.add_pending([(clean, {})])
+        try:
+            self.record(experiment_id, result, note=note or "added from past data")
+        except LedgerError:  # pragma: no cover - the id was just created
+            self.ledger.abandon(experiment_id, "could not record the result")
+            raise
+        return experiment_id
+
+    def status(self) -> CampaignStatus:
+        experiments = self.ledger.experiments()
+        counts: dict[str, int] = {}
+        for e in experiments:
+            counts[str(e.status)] = counts.get(str(e.status), 0) + 1
+        measured = [e for e in experiments if e.measurement is not None and e.status is Status.DONE]
+        best = min(measured, key=lambda e: miss_distance(self.spec.target, e.measurement), default=None)  # type: ignore[arg-type]
+        hit = (
+            best is not None and best.measurement is not None and miss_distance(self.spec.target, best.measurement) <= 1
+        )
+        return CampaignStatus(self.spec.target, counts, best, hit, experiments)
+
+    def physics_posterior(self) -> dict[str, tuple[float, float, float, float]]:
+        """Fitted physics parameters: name -> (posterior mean, posterior sd, prior mean, prior sd)."""
+        experiments = self.ledger.experiments()
+        done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
+        surrogates = self.fit(experiments)
+        z = self.space.to_unit(self.space.tensor([e.settings for e in done]))
+        ys = {
+            "size": torch.log(torch.tensor([e.measurement.diameter_nm for e in done], dtype=torch.double)),  # type: ignore[union-attr]
+            "pdi": torch.log(
+                torch.tensor([max(e.measurement.pdi_pct, MIN_PDI_PCT) for e in done], dtype=torch.double)  # type: ignore[union-attr]
+            ),
+        }
+        out = {}
+        for key, gp in (("size", surrogates.size), ("pdi", surrogates.pdi)):
+            mean, cov = gp.parameter_posterior(z, ys[key])
+            for i, name in enumerate(gp.names):
+                prior_mean, prior_sd = self.preset.priors[name]
+                out[name] = (float(mean[i]), float(cov[i, i].clamp_min(0) ** 0.5), prior_mean, prior_sd)
+        return out
+
+
+__all__ = ["Campaign", "CampaignStatus", "Suggestion", "miss_distance", "physics"]
