@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.quasirandom import SobolEngine
 
 from supraopt.spec import Target
-from supraopt.surrogate import SEM_CALIBRATION_SD, FeasibilityModel, PhysicsGP
+from supraopt.surrogate import SEM_CALIBRATION_SD, Feasibility, PhysicsGP
 
 MIN_DISTANCE = 0.02
 N_RAW = 512
@@ -76,7 +76,7 @@ class HitProbability:
     """
 
     def __init__(
-        self, size: PhysicsGP, pdi: PhysicsGP, feasibility: FeasibilityModel, target: Target, n_particles: float
+        self, size: PhysicsGP, pdi: PhysicsGP, feasibility: Feasibility, target: Target, n_particles: float
     ) -> None:
         self.size, self.pdi, self.feasibility, self.target = size, pdi, feasibility, target
         self.n_particles = n_particles

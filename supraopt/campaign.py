@@ -13,11 +13,12 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.quasirandom import SobolEngine
 
 from supraopt import physics
 from supraopt.acquisition import HitProbability, propose
@@ -29,13 +30,20 @@ from supraopt.space import SearchSpace
 from supraopt.spec import SPEC_FILE, CampaignSpec, RigSettings, Target, default_bounds, load_spec, preset_path
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
+    AlwaysFeasible,
+    Feasibility,
     FeasibilityModel,
     PhysicsGP,
+    ResidualPrior,
     pdi_gp,
     pdi_noise_var,
     size_gp,
     size_noise_var,
 )
+
+PLAIN_SIZE_RESIDUAL = ResidualPrior(sd=0.5, noise_sd=0.02)
+PLAIN_PDI_RESIDUAL = ResidualPrior(sd=0.5, noise_sd=0.08)
+"""Residual priors of the physics-free GPs: they must explain everything, so they start wide."""
 
 MIN_PDI_PCT = 0.3
 """Floor under measured PDI values before taking logs (a 0 % CV is a measuring artefact)."""
@@ -54,12 +62,36 @@ class Suggestion:
 
 
 @dataclass(frozen=True)
+class ModelOptions:
+    """Switches for the model's ingredients. The defaults are supraopt; the rest exist for ablations."""
+
+    physics: bool = True
+    """Physics mean and kernel; False gives a plain GP with a constant mean (plain BO)."""
+    feasibility: bool = True
+    """Learn the failure window; False assumes every run gives SPs."""
+    data_noise: bool = True
+    """Noise from the measurement (n particles, CV); False learns a homoscedastic noise only."""
+    random_start: int = 0
+    """Number of first experiments drawn from a Sobol sequence instead of the model."""
+
+
+def constant_gp(space: SearchSpace, log_center: float, residual: ResidualPrior) -> PhysicsGP:
+    """A GP with an (integrated-out) constant mean and a Matérn residual: no physics at all."""
+
+    def fn(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+        return theta[..., :1] + 0.0 * x[..., 0]
+
+    prior = (torch.tensor([log_center], dtype=torch.double), torch.tensor([2.0], dtype=torch.double))
+    return PhysicsGP(fn, prior, ("log_mean",), space, residual)
+
+
+@dataclass(frozen=True)
 class Surrogates:
     """Everything fitted from the ledger for one suggestion."""
 
     size: PhysicsGP
     pdi: PhysicsGP
-    feasibility: FeasibilityModel
+    feasibility: Feasibility
     acquisition: HitProbability
     pending_z: torch.Tensor
 
@@ -112,8 +144,11 @@ def resolve_model(model: str, directory: Path) -> str:
 class Campaign:
     """A campaign folder: ``campaign.toml`` (the spec) and the ledger. Use :meth:`create` / :meth:`open`."""
 
-    def __init__(self, directory: Path, spec: CampaignSpec, ledger: Ledger) -> None:
+    def __init__(
+        self, directory: Path, spec: CampaignSpec, ledger: Ledger, options: ModelOptions | None = None
+    ) -> None:
         self.directory, self.spec, self.ledger = directory, spec, ledger
+        self.options = options or ModelOptions()
         self.preset = Preset.load(resolve_model(spec.model, directory))
         self.space = SearchSpace(spec.bounds)
         self.last_suggest_seconds = math.nan
@@ -156,11 +191,11 @@ class Campaign:
         return cls.open(directory)
 
     @classmethod
-    def open(cls, directory: str | Path) -> Campaign:
+    def open(cls, directory: str | Path, options: ModelOptions | None = None) -> Campaign:
         directory = Path(directory)
         spec = load_spec(directory)
         url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
-        return cls(directory, spec, Ledger(url))
+        return cls(directory, spec, Ledger(url), options)
 
     def close(self) -> None:
         self.ledger.close()
@@ -187,10 +222,16 @@ class Campaign:
         counts = [m.n_particles for m in measured if m.n_particles is not None]
         n_typical = float(sorted(counts)[len(counts) // 2]) if counts else float(DEFAULT_N_PARTICLES)
         n_part = torch.tensor([float(m.n_particles or DEFAULT_N_PARTICLES) for m in measured], dtype=torch.double)
-        size = size_gp(self.preset, self.space).fit(z_done, torch.log(diam), size_noise_var(pdi, n_part))
-        pdi_model = pdi_gp(self.preset, self.space).fit(
-            z_done, torch.log(pdi), pdi_noise_var(n_part), relinearise=1 if len(done) >= 3 else 0
-        )
+        opts = self.options
+        size_noise = size_noise_var(pdi, n_part) if opts.data_noise else torch.full_like(diam, 1e-6)
+        pdi_noise = pdi_noise_var(n_part) if opts.data_noise else torch.full_like(diam, 1e-6)
+        if opts.physics:
+            size, pdi_model = size_gp(self.preset, self.space), pdi_gp(self.preset, self.space)
+        else:
+            size = constant_gp(self.space, math.log(self.spec.target.diameter_nm), PLAIN_SIZE_RESIDUAL)
+            pdi_model = constant_gp(self.space, math.log(self.spec.target.pdi_max_pct), PLAIN_PDI_RESIDUAL)
+        size.fit(z_done, torch.log(diam), size_noise)
+        pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
         log_c_ok = torch.log(self.space.tensor([e.settings for e in ok])[:, 0])
         failures = [
             (
@@ -201,7 +242,12 @@ class Campaign:
             for e in failed
             if (reason := e.failure.reason if e.failure else "")
         ]
-        feasibility = FeasibilityModel(self.preset, self.space, log_c_ok, failures)
+        feasibility: Feasibility = AlwaysFeasible()
+        if opts.feasibility:
+            preset = self.preset
+            if not opts.physics:  # no physics knowledge of the window either: edges at the bounds
+                preset = replace(preset, window_mg_ml=self.spec.bounds["concentration_mg_ml"], window_log_sd=1.0)
+            feasibility = FeasibilityModel(preset, self.space, log_c_ok, failures)
         acquisition = HitProbability(size, pdi_model, feasibility, self.spec.target, n_typical)
         pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
         return Surrogates(size, pdi_model, feasibility, acquisition, pending_z)
@@ -216,7 +262,11 @@ class Campaign:
         surrogates = self.fit(experiments)
         seed = self.spec.seed * 100_003 + len(experiments)
         torch.manual_seed(seed)
-        z = propose(surrogates.acquisition, n, surrogates.pending_z, seed)
+        if len(experiments) < self.options.random_start:
+            sobol = SobolEngine(self.space.dim, scramble=True, seed=self.spec.seed)
+            z = sobol.draw(len(experiments) + n)[-n:].to(torch.double)
+        else:
+            z = propose(surrogates.acquisition, n, surrogates.pending_z, seed)
         settings = self.space.settings(self.space.from_unit(z))
         z_rounded = self.space.to_unit(self.space.tensor(settings))
         predictions = surrogates.acquisition.predict(z_rounded)

@@ -15,7 +15,9 @@ Three laws, from ``shared/SCIENCE.md``:
 
       CV_SP^2 = CV_drop^2 + CV_process^2
       CV_drop = cv0 * (1 + kappa * ln(r / r_opt)^2)
-      CV_process = p0 * exp(-s * u_T + h * u_T^2)         (h > 0 allows a hot optimum)
+      CV_process = p0 * exp(-s * u_T + h * u_T^2) * (c / c_ref)^q
+                                         (h > 0 allows a hot optimum; q < 0: hollow, defective
+                                          SPs towards the low-concentration edge)
 
 Parameters live in an unconstrained space (``log_`` prefix = natural log) with independent normal
 priors ``(mean, sd)`` read from a preset in ``models/``. Functions take settings as an `n x 3`
@@ -52,6 +54,7 @@ PDI_PARAMETERS: tuple[str, ...] = (
     "log_cv_process_pct",
     "process_temp_slope",
     "process_temp_curvature",
+    "process_conc_slope",
 )
 DROPLET_PARAMETERS = SIZE_PARAMETERS[:3]
 
@@ -167,11 +170,11 @@ def log_sp_diameter_nm(x: Tensor, theta: Tensor, preset: Preset) -> Tensor:
 
 def log_pdi_pct(x: Tensor, theta: Tensor, preset: Preset) -> Tensor:
     """Natural log of the SP polydispersity (CV in %), droplet and process terms in quadrature."""
-    log_cv0, log_r_opt, log_kappa, log_p0, slope, curvature = _split(theta, 6)
-    _, log_r, u_t = _columns(x, preset)
+    log_cv0, log_r_opt, log_kappa, log_p0, slope, curvature, conc_slope = _split(theta, 7)
+    log_c, log_r, u_t = _columns(x, preset)
     log_r_abs = log_r + math.log(preset.reference_flow_ratio)
     cv_drop = torch.exp(log_cv0) * (1.0 + torch.exp(log_kappa) * (log_r_abs - log_r_opt) ** 2)
-    cv_process = torch.exp(log_p0 - slope * u_t + curvature * u_t**2)
+    cv_process = torch.exp(log_p0 - slope * u_t + curvature * u_t**2 + conc_slope * log_c)
     return 0.5 * torch.log(cv_drop**2 + cv_process**2)
 
 

@@ -316,6 +316,21 @@ def failure_edge(reason: str) -> str | None:
     return "high" if high else "low"
 
 
+class Feasibility(Protocol):
+    """What the acquisition needs of a feasibility model."""
+
+    def prob(self, z: Tensor) -> Tensor:
+        """P(the run gives usable SPs) at `... x d` unit-cube points."""
+        ...
+
+
+class AlwaysFeasible:
+    """Feasibility model of the ablation without one: every run gives SPs."""
+
+    def prob(self, z: Tensor) -> Tensor:
+        return torch.ones(z.shape[:-1], dtype=z.dtype)
+
+
 class FeasibilityModel:
     """Probability that a run at given settings yields usable SPs (see module docstring).
 

@@ -1,0 +1,280 @@
+"""Benchmarks: experiments to the first hit on many simulated worlds, and suggestion latency.
+
+**Campaigns.** Draw ``worlds`` random twins (:meth:`World.random`: droplet-law prefactor and
+exponent, packing fraction and its temperature term, mass-balance exponent, optimal flow ratio,
+polydispersity terms, window edges and their tilts, measurement noise all redrawn), pick
+``targets`` diameters per world spread over what that world reaches with low polydispersity, and
+run one campaign per (world, target, strategy) with the same seeds for every strategy. A campaign
+stops at its first hit (measured size within tolerance and PDI under the ceiling) or after
+``budget`` experiments; a miss counts as ``budget + 1``.
+
+Strategies: ``supraopt`` (default), ``plain-bo`` (same GP and acquisition without the physics
+mean, Sobol start), ``random`` (Sobol search), and one ablation per ingredient:
+``no-feasibility``, ``random-first-point`` and ``no-noise-model``.
+
+**Latency.** Time of one suggestion (fit + acquisition) for 10, 50, 200 and 1000 recorded runs
+and batch sizes 1 and 4.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from supraopt.records import PARAMETERS, Measurement
+from supraopt.rigs.simulated import World
+from supraopt.spec import default_bounds
+
+PRESET = "cspbbr3-flow-focusing"
+STRATEGIES = ("supraopt", "plain-bo", "random", "no-feasibility", "random-first-point", "no-noise-model")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One campaign of the benchmark."""
+
+    strategy: str
+    world_seed: int
+    target_nm: float
+    seed: int
+    budget: int
+    tolerance: float
+    pdi_max_pct: float
+    spread: float
+    preset: str = PRESET
+
+
+def model_options(strategy: str) -> Any:
+    from supraopt.campaign import ModelOptions
+
+    options = {
+        "supraopt": ModelOptions(),
+        "plain-bo": ModelOptions(physics=False, random_start=3),
+        "no-feasibility": ModelOptions(feasibility=False),
+        "random-first-point": ModelOptions(random_start=1),
+        "no-noise-model": ModelOptions(data_noise=False),
+    }
+    return options[strategy]
+
+
+def reachable_targets(
+    world: World, bounds: dict[str, tuple[float, float]], count: int, pdi_max_pct: float
+) -> list[float]:
+    """Target diameters spread (log-evenly, by quantile) over what the world makes safely in spec.
+
+    Safe means: every failure mode under 5 % likely and a true PDI at most 85 % of the ceiling.
+    """
+    axes = [np.geomspace(*bounds[name], 40) for name in PARAMETERS[:2]]
+    axes.append(np.linspace(*bounds["temperature_c"], 13))
+    c, r, t = np.meshgrid(*axes, indexing="ij")
+    safe = np.all([p < 0.05 for p in world.failure_probabilities(c, r, t).values()], axis=0)
+    safe &= world.pdi_pct(c, r, t) <= 0.85 * pdi_max_pct
+    if not safe.any():
+        return []
+    log_d = np.log(world.diameter_nm(c, r, t)[safe])
+    quantiles = (np.arange(count) + 0.5) / count
+    return [float(round(math.exp(q), 0)) for q in np.quantile(log_d, 0.1 + 0.8 * quantiles)]
+
+
+def make_tasks(
+    worlds: int,
+    targets: int,
+    strategies: Sequence[str],
+    budget: int,
+    seed: int,
+    spread: float,
+    tolerance: float,
+    pdi_max_pct: float,
+) -> list[Task]:
+    bounds = default_bounds(PRESET)
+    tasks = []
+    for w in range(worlds):
+        world_seed = 10_000 * (seed + 1) + w
+        world = World.random(world_seed, PRESET, spread)
+        for k, target in enumerate(reachable_targets(world, bounds, targets, pdi_max_pct)):
+            for strategy in strategies:
+                tasks.append(Task(strategy, world_seed, target, 1000 * w + k, budget, tolerance, pdi_max_pct, spread))
+    return tasks
+
+
+def run_task(task: Task) -> dict[str, Any]:
+    """Run one campaign against its world; returns experiments to the first hit and the curve."""
+    import torch
+    from torch.quasirandom import SobolEngine
+
+    from supraopt.campaign import Campaign, miss_distance
+
+    torch.set_num_threads(1)
+    world = World.random(task.world_seed, task.preset, task.spread)
+    rng = np.random.default_rng(task.seed)
+    curve: list[float] = []
+    latencies: list[float] = []
+    failures = 0
+    first_hit = task.budget + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        random_search = task.strategy == "random"
+        campaign = Campaign.create(
+            Path(tmp) / "c",
+            task.preset,
+            task.target_nm,
+            tolerance=task.tolerance,
+            pdi_max_pct=task.pdi_max_pct,
+            seed=task.seed,
+        )
+        if not random_search:
+            campaign.options = model_options(task.strategy)
+        sobol = SobolEngine(3, scramble=True, seed=task.seed)
+        best = math.inf
+        try:
+            for step in range(1, task.budget + 1):
+                if random_search:
+                    settings = campaign.space.settings(campaign.space.from_unit(sobol.draw(1).to(torch.double)))[0]
+                    experiment_id = None
+                else:
+                    start = time.perf_counter()
+                    [suggestion] = campaign.suggest(1)
+                    latencies.append(time.perf_counter() - start)
+                    settings, experiment_id = suggestion.settings, suggestion.experiment_id
+                result = world.sample(settings, rng)
+                if experiment_id is None:
+                    campaign.add_run(settings, result)
+                else:
+                    campaign.record(experiment_id, result)
+                if isinstance(result, Measurement):
+                    best = min(best, miss_distance(campaign.spec.target, result))
+                else:
+                    failures += 1
+                curve.append(best)
+                if best <= 1.0:
+                    first_hit = step
+                    break
+        finally:
+            campaign.close()
+    curve += [curve[-1]] * (task.budget - len(curve))
+    return {
+        **asdict(task),
+        "experiments_to_hit": first_hit,
+        "hit": first_hit <= task.budget,
+        "failures": failures,
+        "median_latency_s": statistics.median(latencies) if latencies else math.nan,
+        "curve": curve,
+    }
+
+
+def _init_worker() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def run_tasks(tasks: Sequence[Task], workers: int, on_done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    """Run tasks in ``workers`` processes (1: in this process), reporting each result as it lands."""
+    results = []
+    if workers <= 1:
+        for task in tasks:
+            results.append(run_task(task))
+            on_done(results[-1])
+        return results
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = [pool.submit(run_task, task) for task in tasks]
+        for future in as_completed(futures):
+            results.append(future.result())
+            on_done(results[-1])
+    return sorted(results, key=lambda r: (r["strategy"], r["world_seed"], r["target_nm"]))
+
+
+def summarise(results: Sequence[dict[str, Any]], budget: int) -> pd.DataFrame:
+    """Per strategy: median and 90th percentile of experiments to hit, hit rates, median latency."""
+    frame = pd.DataFrame(results)
+    rows = []
+    for strategy, group in frame.groupby("strategy", sort=False):
+        n = group["experiments_to_hit"]
+        rows.append(
+            {
+                "strategy": strategy,
+                "campaigns": len(group),
+                "median": float(n.median()),
+                "p90": float(n.quantile(0.9, interpolation="higher")),
+                "hit<=5": float((n <= 5).mean()),
+                "hit<=10": float((n <= 10).mean()),
+                "hit<=15": float((n <= 15).mean()),
+                f"hit<={budget}": float((n <= budget).mean()),
+                "median_latency_s": float(group["median_latency_s"].median()),
+            }
+        )
+    order = {s: i for i, s in enumerate(STRATEGIES)}
+    return pd.DataFrame(rows).sort_values("strategy", key=lambda s: s.map(order)).reset_index(drop=True)
+
+
+def plot(results: Sequence[dict[str, Any]], budget: int, path: Path) -> None:
+    """Experiments-to-hit distribution (ECDF) and median best distance to target vs experiment."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frame = pd.DataFrame(results)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for strategy, group in frame.groupby("strategy", sort=False):
+        n = np.sort(group["experiments_to_hit"].to_numpy())
+        left.step(n, np.arange(1, len(n) + 1) / len(n), where="post", label=str(strategy))
+        curves = np.array(group["curve"].tolist(), dtype=float)
+        curves[~np.isfinite(curves)] = np.nan
+        right.plot(np.arange(1, budget + 1), np.nanmedian(curves, axis=0), label=str(strategy))
+    left.set(
+        xlabel="experiments to first hit", ylabel="fraction of campaigns hit", xlim=(0, budget + 1), ylim=(0, 1.02)
+    )
+    left.set_title("How many experiments a campaign needs")
+    right.axhline(1.0, color="grey", linestyle="--", label="in spec (hit)")
+    right.set(xlabel="experiment number", ylabel="best miss distance (tolerance units, log)", yscale="log")
+    right.set_title("Best distance to target so far (median over campaigns)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency_table(
+    sizes: Sequence[int] = (10, 50, 200, 1000), batches: Sequence[int] = (1, 4), repeats: int = 3
+) -> pd.DataFrame:
+    """Median wall time of one suggestion (model fit + acquisition) by ledger size and batch size."""
+    from supraopt.campaign import Campaign
+
+    world = World.default(PRESET)
+    rng = np.random.default_rng(0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in sizes:
+            campaign = Campaign.create(Path(tmp) / f"n{size}", PRESET, 450.0, seed=0)
+            unit = rng.random((size, 3))
+            settings = campaign.space.settings(campaign.space.from_unit(_tensor(unit)))
+            for setting in settings:
+                campaign.add_run(setting, world.sample(setting, rng))
+            experiments = campaign.ledger.experiments()
+            for batch in batches:
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    campaign.propose(batch, experiments)
+                    times.append(time.perf_counter() - start)
+                rows.append({"runs": size, "batch": batch, "median_s": statistics.median(times), "max_s": max(times)})
+            campaign.close()
+    return pd.DataFrame(rows)
+
+
+def _tensor(array: np.ndarray) -> Any:
+    import torch
+
+    return torch.as_tensor(array, dtype=torch.double)
