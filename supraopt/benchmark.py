@@ -97,15 +97,19 @@ def make_tasks(
     spread: float,
     tolerance: float,
     pdi_max_pct: float,
+    preset: str = PRESET,
 ) -> list[Task]:
-    bounds = default_bounds(PRESET)
+    """One task per (world, target, strategy); every strategy sees the same worlds, targets and seeds."""
+    bounds = default_bounds(preset)
     tasks = []
     for w in range(worlds):
         world_seed = 10_000 * (seed + 1) + w
-        world = World.random(world_seed, PRESET, spread)
+        world = World.random(world_seed, preset, spread)
         for k, target in enumerate(reachable_targets(world, bounds, targets, pdi_max_pct)):
             for strategy in strategies:
-                tasks.append(Task(strategy, world_seed, target, 1000 * w + k, budget, tolerance, pdi_max_pct, spread))
+                tasks.append(
+                    Task(strategy, world_seed, target, 1000 * w + k, budget, tolerance, pdi_max_pct, spread, preset)
+                )
     return tasks
 
 

@@ -260,7 +260,7 @@ class Campaign:
             raise InputError(f"number of experiments n={n!r} must be an integer between 1 and 64.")
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         surrogates = self.fit(experiments)
-        seed = self.spec.seed * 100_003 + len(experiments)
+        seed = (self.spec.seed * 100_003 + len(experiments)) % 2**63
         torch.manual_seed(seed)
         if len(experiments) < self.options.random_start:
             sobol = SobolEngine(self.space.dim, scramble=True, seed=self.spec.seed)

@@ -156,7 +156,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise SpecError(f"cannot write {value!r} to TOML: use numbers, text, booleans or lists.")
@@ -202,6 +202,8 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml") -> CampaignS
         target = Target(**{k: float(v) for k, v in target_data.items()})
     except TypeError as error:
         raise SpecError(f"{source}: bad [target] table {target_data!r}: {error}.") from None
+    except SpecError as error:
+        raise SpecError(f"{source}: {error}") from None
     except ValueError as error:
         raise SpecError(f"{source}: [target] values must be numbers: {target_data!r}.") from error
     bounds_data = data.get("bounds") or default_bounds(model)

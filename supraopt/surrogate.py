@@ -10,7 +10,8 @@ learns where the rig departs from the physics. The physics enters linearised abo
 
 so the physics parameters are integrated out analytically: their posterior given the data is the
 MAP estimate with its exact (Laplace) covariance, and the GP's predictive variance knows that,
-say, the flow-ratio exponent is less certain than the 1/3 of the mass balance. For the nonlinear
+how well the physics pins each direction (a move in flow ratio carries the droplet-law
+exponent's uncertainty, a move in concentration the mass-balance exponent's). For the nonlinear
 polydispersity law ``theta_lin`` is moved to the posterior mean and the GP refitted
 (Gauss-Newton). Residual hyperparameters (lengthscales, outputscale, extra noise) are fitted by
 MAP under their priors with BoTorch's ``fit_gpytorch_mll``.

@@ -1,0 +1,282 @@
+"""Physics-mean GPs (scale choice, parameter posterior, physics kernel) and the feasibility model."""
+
+from __future__ import annotations
+
+import math
+
+import gpytorch
+import pytest
+import torch
+
+from supraopt import physics
+from supraopt.physics import PDI_PARAMETERS, SIZE_PARAMETERS, Preset
+from supraopt.space import SearchSpace
+from supraopt.surrogate import (
+    FeasibilityModel,
+    failure_edge,
+    pdi_gp,
+    pdi_noise_var,
+    size_gp,
+    size_noise_var,
+)
+
+LOG_PHI = SIZE_PARAMETERS.index("log_phi_inorg")
+LOG_K = SIZE_PARAMETERS.index("log_droplet_k")
+DELTA = SIZE_PARAMETERS.index("exponent_delta")
+
+
+def physical(rows: list[tuple[float, float, float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.double)
+
+
+def random_unit(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.double)
+
+
+# --- scale choice ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "fn", "names"),
+    [(size_gp, physics.log_sp_diameter_nm, SIZE_PARAMETERS), (pdi_gp, physics.log_pdi_pct, PDI_PARAMETERS)],
+    ids=["size", "pdi"],
+)
+def test_prior_mean_is_the_physics_at_physical_settings(preset, space, make, fn, names):
+    """Pins the scale choice: unit-cube inputs, outcomes on their physical log scale (not standardised)."""
+    gp = make(preset, space)
+    x = physical([(0.5, 1.0, 20.0), (2.15, 3.0, 25.0), (4.0, 4.0, 50.0), (12.0, 20.0, 80.0)])
+    z = space.to_unit(x)
+    assert float(z.min()) >= -1e-12 and float(z.max()) <= 1 + 1e-12
+    mean, var = gp.moments(z)
+    theta, _ = preset.prior(names)
+    assert torch.allclose(mean, fn(x, theta, preset), atol=1e-10)
+    assert bool((var > 0).all())
+
+
+def test_prior_mean_is_in_log_nanometres(preset, space):
+    gp = size_gp(preset, space)
+    mean, _ = gp.moments(space.to_unit(physical([(4.0, 4.0, 25.0)])))
+    assert 100.0 < math.exp(float(mean[0])) < 2000.0  # a log diameter in nm, not a standardised value
+
+
+def test_fitted_gp_predicts_on_the_physical_log_scale(preset, space):
+    """With data far from the physics prior the posterior mean tracks the data, unstandardised."""
+    gp = size_gp(preset, space)
+    z = random_unit(6, seed=3)
+    truth, _ = preset.prior(SIZE_PARAMETERS)
+    y = physics.log_sp_diameter_nm(space.from_unit(z), truth, preset) + 0.2  # all SPs 22 % larger
+    gp.fit(z, y, torch.full_like(y, 1e-4))
+    with gpytorch.settings.debug(False):  # reading the posterior at the training inputs on purpose
+        mean, var = gp.moments(z)
+    assert torch.allclose(mean, y, atol=0.03)
+    assert bool((var.sqrt() < 0.05).all())
+    # the model's mean function is still the physics in physical units (inputs mapped back from the cube)
+    assert gp.model is not None
+    with torch.no_grad():
+        assert torch.allclose(gp.model.mean_module(z), physics.log_sp_diameter_nm(space.from_unit(z), truth, preset))
+
+
+def test_fit_with_no_data_keeps_the_prior(preset, space):
+    gp = size_gp(preset, space)
+    empty = torch.empty(0, 3, dtype=torch.double)
+    gp.fit(empty, torch.empty(0, dtype=torch.double), torch.empty(0, dtype=torch.double))
+    assert gp.model is None
+    mean, cov = gp.parameter_posterior(empty, torch.empty(0, dtype=torch.double))
+    prior_mean, prior_sd = preset.prior(SIZE_PARAMETERS)
+    assert torch.allclose(mean, prior_mean) and torch.allclose(cov.diagonal().sqrt(), prior_sd)
+
+
+# --- parameter posterior ---------------------------------------------------------------------------
+
+
+def test_parameter_posterior_moves_toward_the_truth(preset, space):
+    prior_mean, prior_sd = preset.prior(SIZE_PARAMETERS)
+    truth = prior_mean.clone()
+    truth[DELTA] = 0.15
+    truth[LOG_PHI] = prior_mean[LOG_PHI] - 0.3
+    z = random_unit(12, seed=0)
+    y = physics.log_sp_diameter_nm(space.from_unit(z), truth, preset)
+    gp = size_gp(preset, space).fit(z, y, torch.full_like(y, 0.015**2))
+    mean, cov = gp.parameter_posterior(z, y)
+    sd = cov.diagonal().clamp_min(0).sqrt()
+
+    # the exponent is identifiable: it lands near the truth and is far better known than a priori
+    assert abs(float(mean[DELTA]) - 0.15) < 0.3 * 0.15
+    assert float(sd[DELTA]) < 0.5 * float(prior_sd[DELTA])
+    # log_phi only enters with log_k as one offset (k / phi^(1/3)): it moves the right way, and the
+    # identifiable combination lands on the truth with a much smaller sd than its prior
+    assert float(mean[LOG_PHI]) < float(prior_mean[LOG_PHI])
+    assert float(sd[LOG_PHI]) < float(prior_sd[LOG_PHI])
+    w = torch.zeros(len(SIZE_PARAMETERS), dtype=torch.double)
+    w[LOG_K], w[LOG_PHI] = 1.0, -1.0 / 3.0
+    combo_prior_sd = float((w**2 * prior_sd**2).sum().sqrt())
+    combo_sd = float((w @ cov @ w).clamp_min(0).sqrt())
+    assert abs(float(w @ mean) - float(w @ truth)) < 0.05
+    assert abs(float(w @ prior_mean) - float(w @ truth)) > 0.09  # the prior was off: the data moved it
+    assert combo_sd < 0.5 * combo_prior_sd
+    # every posterior sd is at most its prior sd
+    assert bool((sd <= prior_sd * (1 + 1e-9)).all())
+
+
+def test_parameter_posterior_covariance_is_symmetric_positive(preset, space):
+    prior_mean, _ = preset.prior(SIZE_PARAMETERS)
+    z = random_unit(5, seed=4)
+    y = physics.log_sp_diameter_nm(space.from_unit(z), prior_mean, preset)
+    gp = size_gp(preset, space).fit(z, y, torch.full_like(y, 0.015**2))
+    _, cov = gp.parameter_posterior(z, y)
+    assert torch.allclose(cov, cov.T)
+    assert float(torch.linalg.eigvalsh(cov).min()) > -1e-10
+
+
+# --- physics kernel --------------------------------------------------------------------------------
+
+
+def _sd_after_one_run(preset: Preset, space: SearchSpace, factor: float) -> tuple[float, float]:
+    """Predictive sd of log size at c × factor and at r × factor from one run at the reference point."""
+    gp = size_gp(preset, space)
+    c0, r0, t0 = preset.reference_concentration_mg_ml, preset.reference_flow_ratio, preset.reference_temperature_c
+    z0 = space.to_unit(physical([(c0, r0, t0)]))
+    theta, _ = preset.prior(SIZE_PARAMETERS)
+    y0 = physics.log_sp_diameter_nm(space.from_unit(z0), theta, preset)
+    gp.fit(z0, y0, torch.full_like(y0, 0.015**2))
+    _, var = gp.moments(space.to_unit(physical([(c0, r0, t0), (c0 * factor, r0, t0), (c0, r0 * factor, t0)])))
+    sd = var.sqrt().tolist()
+    assert sd[0] < 0.03  # pinned at the run itself
+    return sd[1], sd[2]
+
+
+def test_sd_grows_more_along_flow_ratio_when_its_exponent_is_the_uncertain_one(preset, space):
+    # the mass balance fixes the concentration exponent (tight delta); the droplet exponent a is uncertain
+    tight_delta = preset.with_priors({"exponent_delta": (0.0, 0.01), "droplet_exponent_a": (0.33, 0.1)})
+    sd_c, sd_r = _sd_after_one_run(tight_delta, space, factor=2.5)
+    assert sd_r > 1.5 * sd_c
+
+
+def test_physics_kernel_follows_whichever_exponent_is_uncertain(preset, space):
+    # swapping the uncertainties swaps the ordering: the kernel, not the geometry, carries it
+    tight_a = preset.with_priors({"exponent_delta": (0.0, 0.1), "droplet_exponent_a": (0.33, 0.01)})
+    sd_c, sd_r = _sd_after_one_run(tight_a, space, factor=2.5)
+    assert sd_c > 1.5 * sd_r
+
+
+def test_sd_grows_away_from_a_run_in_every_direction(preset, space):
+    gp = size_gp(preset, space)
+    z0 = torch.full((1, 3), 0.5, dtype=torch.double)
+    theta, _ = preset.prior(SIZE_PARAMETERS)
+    y0 = physics.log_sp_diameter_nm(space.from_unit(z0), theta, preset)
+    gp.fit(z0, y0, torch.full_like(y0, 0.015**2))
+    for dim in range(3):
+        line = z0.repeat(5, 1)
+        line[:, dim] = torch.linspace(0.5, 1.0, 5, dtype=torch.double)
+        sd = gp.moments(line)[1].detach().sqrt()
+        assert bool((sd.diff() > 0).all()), dim
+
+
+def test_noise_variances_shrink_with_more_particles():
+    pdi = torch.tensor([5.0, 5.0], dtype=torch.double)
+    n = torch.tensor([20.0, 200.0], dtype=torch.double)
+    size_var = size_noise_var(pdi, n)
+    assert float(size_var[1]) < float(size_var[0])
+    assert float(pdi_noise_var(n)[1]) < float(pdi_noise_var(n)[0])
+    # more polydisperse samples give a noisier mean
+    assert float(size_noise_var(torch.tensor([15.0]), torch.tensor([50.0]))[0]) > float(
+        size_noise_var(torch.tensor([3.0]), torch.tensor([50.0]))[0]
+    )
+
+
+# --- feasibility -----------------------------------------------------------------------------------
+
+BELOW = [1.5, 2.0, 2.5, 3.0]  # mg/mL
+ABOVE = [6.5, 7.0, 8.0, 9.0]
+NO_RUNS = torch.empty(0, dtype=torch.double)
+
+
+def feasibility(preset, space, failures=(), ok=()):
+    fails = [
+        (math.log(c), space.to_unit(physical([(c, 10.0, 25.0)]))[0], reason) for c, reason in failures
+    ]  # failures at a flow ratio and temperature far from where P(feasible) is read
+    log_c_ok = torch.log(torch.tensor(list(ok), dtype=torch.double)) if ok else NO_RUNS
+    return FeasibilityModel(preset, space, log_c_ok, fails)
+
+
+def p_feasible(model, space, concentrations):
+    z = space.to_unit(physical([(c, 2.0, 60.0) for c in concentrations]))
+    return model.prob(z)
+
+
+def test_prior_window_matches_the_preset(preset, space):
+    model = feasibility(preset, space)
+    low, high = model.edges_mg_ml()
+    assert low == pytest.approx(preset.window_mg_ml[0], rel=0.02)
+    assert high == pytest.approx(preset.window_mg_ml[1], rel=0.02)
+    p = p_feasible(model, space, [0.6, 4.0, 11.5])
+    assert float(p[1]) > 0.8 and float(p[0]) < 0.1 and float(p[2]) < 0.3
+
+
+def test_unstable_droplets_at_high_c_lower_p_above_not_below(preset, space):
+    base = feasibility(preset, space)
+    failed = feasibility(preset, space, [(6.0, "droplets unstable")])
+    assert torch.all(p_feasible(failed, space, ABOVE) < 0.5 * p_feasible(base, space, ABOVE))
+    assert torch.allclose(p_feasible(failed, space, BELOW), p_feasible(base, space, BELOW), rtol=0.05)
+    assert failed.edges_mg_ml()[1] < 6.0 < base.edges_mg_ml()[1]
+    assert failed.edges_mg_ml()[0] == pytest.approx(base.edges_mg_ml()[0])
+
+
+def test_hollow_at_low_c_lowers_p_below_not_above(preset, space):
+    base = feasibility(preset, space)
+    failed = feasibility(preset, space, [(3.0, "hollow particles")])
+    assert torch.all(p_feasible(failed, space, BELOW) < 0.5 * p_feasible(base, space, BELOW))
+    assert torch.allclose(p_feasible(failed, space, ABOVE), p_feasible(base, space, ABOVE), rtol=0.05)
+    assert failed.edges_mg_ml()[0] > 3.0 > base.edges_mg_ml()[0]
+
+
+@pytest.mark.parametrize(("c", "edge_reason"), [(6.0, "droplets unstable"), (3.0, "hollow particles")])
+def test_unknown_failure_reason_moves_the_nearer_edge(preset, space, c, edge_reason):
+    unknown = feasibility(preset, space, [(c, "the vial fell over")])
+    named = feasibility(preset, space, [(c, edge_reason)])
+    probe = [*BELOW, 4.0, 5.0, *ABOVE]
+    assert torch.allclose(p_feasible(unknown, space, probe), p_feasible(named, space, probe))
+    assert unknown.edges_mg_ml() == pytest.approx(named.edges_mg_ml())
+
+
+def test_successes_push_the_edges_outward(preset, space):
+    base = feasibility(preset, space)
+    widened = feasibility(preset, space, ok=[1.5, 10.0])
+    assert widened.edges_mg_ml()[0] < 1.5 < base.edges_mg_ml()[0]
+    assert widened.edges_mg_ml()[1] > 10.0 > base.edges_mg_ml()[1]
+    assert torch.all(p_feasible(widened, space, [1.6, 9.5]) > p_feasible(base, space, [1.6, 9.5]))
+
+
+def test_a_failure_penalises_its_own_neighbourhood(preset, space):
+    # an unexplained failure in the middle of the window: the point itself becomes unattractive
+    z_fail = space.to_unit(physical([(4.0, 10.0, 25.0)]))
+    model = FeasibilityModel(preset, space, NO_RUNS, [(math.log(4.0), z_fail[0], "droplets unstable")])
+    base = feasibility(preset, space)
+    assert float(model.prob(z_fail)[0]) < 0.2 * float(base.prob(z_fail)[0])
+
+
+def test_p_feasible_is_a_probability(preset, space):
+    model = feasibility(preset, space, [(6.0, "unstable"), (2.5, "hollow")], ok=[4.0])
+    p = model.prob(torch.rand(200, 3, generator=torch.Generator().manual_seed(0), dtype=torch.double))
+    assert bool(((p >= 0) & (p <= 1)).all())
+
+
+@pytest.mark.parametrize(
+    ("reason", "edge"),
+    [
+        ("droplets unstable", "high"),
+        ("Droplets MERGE in the coil", "high"),
+        ("channel clogged", "high"),
+        ("jetting", "high"),
+        ("SPs sediment", "high"),
+        ("hollow particles", "low"),
+        ("broken shells", "low"),
+        ("SPs cream", "low"),
+        ("too dilute", "low"),
+        ("pump stopped", None),
+        ("unstable and hollow", None),
+        ("", None),
+    ],
+)
+def test_failure_edge_mapping(reason, edge):
+    assert failure_edge(reason) == edge
