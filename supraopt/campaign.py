@@ -27,7 +27,16 @@ from supraopt.ledger import OPEN, Experiment, Ledger, Status
 from supraopt.physics import Preset
 from supraopt.records import Failure, Measurement
 from supraopt.space import SearchSpace
-from supraopt.spec import SPEC_FILE, CampaignSpec, RigSettings, Target, default_bounds, load_spec, preset_path
+from supraopt.spec import (
+    SPEC_FILE,
+    CampaignSpec,
+    RigSettings,
+    Target,
+    default_bounds,
+    load_spec,
+    preset_path,
+    resolve_model,
+)
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     AlwaysFeasible,
@@ -133,12 +142,6 @@ def miss_distance(target: Target, measurement: Measurement) -> float:
     """How far a result is from the target in units of the tolerances: a hit is <= 1."""
     size = abs(measurement.diameter_nm / target.diameter_nm - 1.0) / target.tolerance
     return max(size, measurement.pdi_pct / target.pdi_max_pct)
-
-
-def resolve_model(model: str, directory: Path) -> str:
-    """A preset name, or a preset file path relative to the campaign folder."""
-    candidate = directory / model
-    return str(candidate) if model.endswith(".toml") and candidate.is_file() else model
 
 
 class Campaign:

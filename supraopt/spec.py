@@ -174,6 +174,13 @@ def preset_path(model: str) -> Path:
     raise SpecError(f"unknown model preset {model!r}: choose one of {known} or give a path to a .toml file.")
 
 
+def resolve_model(model: str, directory: Path | None) -> str:
+    """A preset name, or a preset file path relative to the campaign folder (kept relocatable)."""
+    if directory is not None and model.endswith(".toml") and (Path(directory) / model).is_file():
+        return str(Path(directory) / model)
+    return model
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
@@ -184,7 +191,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SpecError(f"{path} is not valid TOML: {error}.") from None
 
 
-def parse_spec(data: dict[str, Any], source: str = "campaign.toml") -> CampaignSpec:
+def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: Path | None = None) -> CampaignSpec:
     """Build and validate a spec from parsed TOML; errors name the file, key and value."""
     known = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop"}
     unknown = set(data) - known
@@ -197,7 +204,8 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml") -> CampaignS
         target_data = dict(data["target"])
     except KeyError as missing:
         raise SpecError(f"{source}: missing required key {missing.args[0]!r}.") from None
-    preset_path(model)  # fail early on an unknown preset
+    resolved = resolve_model(model, directory)
+    preset_path(resolved)  # fail early on an unknown preset
     try:
         target = Target(**{k: float(v) for k, v in target_data.items()})
     except TypeError as error:
@@ -206,7 +214,7 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml") -> CampaignS
         raise SpecError(f"{source}: {error}") from None
     except ValueError as error:
         raise SpecError(f"{source}: [target] values must be numbers: {target_data!r}.") from error
-    bounds_data = data.get("bounds") or default_bounds(model)
+    bounds_data = data.get("bounds") or default_bounds(resolved)
     try:
         bounds = {str(k): (float(v[0]), float(v[1])) for k, v in bounds_data.items()}
     except (TypeError, ValueError, IndexError, KeyError):
@@ -241,7 +249,7 @@ def load_spec(directory: Path) -> CampaignSpec:
     path = Path(directory) / SPEC_FILE
     if not path.is_file():
         raise SpecError(f"{directory} is not a campaign folder (no {SPEC_FILE}); create one with 'supraopt init'.")
-    return parse_spec(read_toml(path), str(path))
+    return parse_spec(read_toml(path), str(path), Path(directory))
 
 
 def default_bounds(model: str) -> dict[str, tuple[float, float]]:
