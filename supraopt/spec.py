@@ -58,8 +58,9 @@ class LoopSettings:
     """Stop at the first hit; False keeps refining until the budget is spent."""
     poll_interval_s: float = 2.0
     """Seconds between two polls of a running experiment."""
-    rig_timeout_s: float = 30.0
-    """Seconds a single rig call may take before it counts as 'no answer, ask again'."""
+    rig_timeout_s: float = 60.0
+    """Seconds a single rig call may take before it counts as 'no answer, ask again' (longer than
+    an adapter's own retries: the http adapter's defaults take up to ~45 s)."""
     max_rig_errors: int = 5
     """Consecutive rig errors after which the runner stops with a message."""
 

@@ -76,12 +76,31 @@ def test_manual_works_in_the_campaign_folder(tmp_path: Path) -> None:
     assert rig.instructions == tmp_path / "todo.txt"
 
 
+class PrefixedRig(TinyRig):
+    def __init__(self, port: str = "/dev/null", id_prefix: str = "") -> None:
+        super().__init__(port)
+        self.id_prefix = id_prefix
+
+
 def test_http_is_imported_lazily(monkeypatch: pytest.MonkeyPatch) -> None:
     module = types.ModuleType("supraopt.rigs.http")
-    module.HttpRig = TinyRig  # type: ignore[attr-defined]
+    module.HttpRig = PrefixedRig  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "supraopt.rigs.http", module)
     rig = load_rig("http", {"port": "http://rig.local"}, Path("."))
-    assert isinstance(rig, TinyRig) and rig.port == "http://rig.local"
+    assert isinstance(rig, PrefixedRig) and rig.port == "http://rig.local"
+
+
+def test_http_ids_are_prefixed_per_campaign_folder(tmp_path: Path) -> None:
+    """Two campaigns sharing one rig server must not collide on E001."""
+    options = {"url": "http://127.0.0.1:9", "token": "x" * 32}
+    first = load_rig("http", options, tmp_path / "lab 450 nm")
+    second = load_rig("http", options, tmp_path / "other")
+    again = load_rig("http", options, tmp_path / "lab 450 nm")
+    assert first.id_prefix.startswith("lab-450-nm-")  # type: ignore[attr-defined]
+    assert first.id_prefix != second.id_prefix  # type: ignore[attr-defined]
+    assert first.id_prefix == again.id_prefix  # type: ignore[attr-defined]  # stable: a restart finds its runs
+    explicit = load_rig("http", {**options, "id_prefix": "mine-"}, tmp_path / "other")
+    assert explicit.id_prefix == "mine-"  # type: ignore[attr-defined]
 
 
 def test_http_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,9 @@ with the four methods of :class:`Rig` is named as ``"package.module:ClassName"``
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ from supraopt.errors import SpecError
 from supraopt.rigs.base import Rig
 from supraopt.rigs.manual import ManualRig
 from supraopt.rigs.simulated import SimulatedRig, World
-from supraopt.spec import SPEC_FILE, load_spec
+from supraopt.spec import SPEC_FILE, load_spec, resolve_model
 
 __all__ = ["ManualRig", "Rig", "SimulatedRig", "World", "load_rig"]
 
@@ -35,14 +37,14 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
     if adapter == "simulated":
         options.setdefault("state_path", str(campaign_dir / SIMULATED_STATE_FILE))
         if "preset" not in options and (campaign_dir / SPEC_FILE).is_file():
-            model = load_spec(campaign_dir).model
-            local = campaign_dir / model
-            options["preset"] = str(local) if model.endswith(".toml") and local.is_file() else model
+            options["preset"] = resolve_model(load_spec(campaign_dir).model, campaign_dir)
         cls: Any = SimulatedRig
     elif adapter == "manual":
         options["directory"] = campaign_dir
         cls = ManualRig
     elif adapter == "http":
+        # ids (E001, ...) are unique within a campaign only; a rig server may serve several campaigns
+        options.setdefault("id_prefix", campaign_prefix(campaign_dir))
         cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
     elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
         cls = _import_class(adapter, *adapter.split(":"))
@@ -58,6 +60,13 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
     if missing:
         raise SpecError(f"rig adapter {adapter!r} is not a rig: it lacks {', '.join(f'{name}()' for name in missing)}.")
     return rig
+
+
+def campaign_prefix(campaign_dir: Path) -> str:
+    """A stable, campaign-specific prefix for experiment ids sent to a shared rig: ``NAME-1a2b3c-``."""
+    resolved = Path(campaign_dir).resolve()
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", resolved.name).strip("._-")[:24] or "campaign"
+    return f"{name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:6]}-"
 
 
 def _import_class(adapter: str, module_name: str, class_name: str) -> Any:
