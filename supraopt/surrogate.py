@@ -111,16 +111,16 @@ class PhysicsKernel(Kernel):
         self.fn, self.space = fn, space
         self.register_buffer("prior_var", prior_sd**2)
         self.register_buffer("theta_lin", theta_lin)
-        self._cache: tuple[tuple[int, tuple[int, ...], int], Tensor] | None = None
+        self._cache: tuple[Tensor, int, Tensor] | None = None  # (inputs, their version, Jacobian)
 
     def features(self, z: Tensor) -> Tensor:
         """`... x n x p` Jacobian of the physics at unit-cube points ``z`` (training inputs cached)."""
         if z.requires_grad:
             return physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
-        key = (z.data_ptr(), tuple(z.shape), z._version)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin))
-        return self._cache[1]
+        # The same tensor object (kept alive here, so its memory cannot be reused) and unmodified.
+        if self._cache is None or self._cache[0] is not z or self._cache[1] != z._version:
+            self._cache = (z, z._version, physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin))
+        return self._cache[2]
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params: object) -> Tensor:
         j1 = self.features(x1)

@@ -280,3 +280,20 @@ def test_p_feasible_is_a_probability(preset, space):
 )
 def test_failure_edge_mapping(reason, edge):
     assert failure_edge(reason) == edge
+
+
+def test_physics_kernel_never_reuses_the_features_of_another_tensor(preset, space):
+    """The Jacobian cache (for training inputs) must not hand one tensor's features to another."""
+    kernel = size_gp(preset, space).prior_covar_module.kernels[0]
+    first = random_unit(5, 1)
+    expected_second = physics.jacobian(
+        kernel.fn, space.from_unit(random_unit(5, 2)), kernel.theta_lin
+    )  # computed before any caching
+    assert torch.equal(kernel.features(first), kernel.features(first))
+    del first  # its memory may now be handed to the next tensor of the same size
+    second = random_unit(5, 2)
+    assert torch.allclose(kernel.features(second), expected_second)
+    second.add_(0.1)  # changed in place: the cache must notice
+    assert torch.allclose(
+        kernel.features(second), physics.jacobian(kernel.fn, space.from_unit(second), kernel.theta_lin)
+    )
