@@ -25,11 +25,12 @@ from supraopt.acquisition import HitProbability, propose
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, Experiment, Ledger, Status
 from supraopt.physics import Preset
-from supraopt.records import Failure, Measurement
+from supraopt.records import Failure, Measurement, RigLimits
 from supraopt.space import SearchSpace
 from supraopt.spec import (
     SPEC_FILE,
     CampaignSpec,
+    LoopSettings,
     RigSettings,
     Target,
     default_bounds,
@@ -172,6 +173,7 @@ class Campaign:
         rig: RigSettings | None = None,
         name: str | None = None,
         ledger_url: str | None = None,
+        loop: LoopSettings | None = None,
     ) -> Campaign:
         """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign."""
         directory = Path(directory)
@@ -186,6 +188,7 @@ class Campaign:
             seed=seed,
             rig=rig or RigSettings(),
             ledger_url=ledger_url,
+            loop=loop or LoopSettings(),
         )
         directory.mkdir(parents=True, exist_ok=True)
         tmp = directory / (SPEC_FILE + ".tmp")
@@ -202,6 +205,25 @@ class Campaign:
 
     def close(self) -> None:
         self.ledger.close()
+
+    def restrict_to(self, limits: RigLimits) -> list[str]:
+        """Search only inside a rig's hard limits as well as the campaign bounds; returns what narrowed."""
+        bounds = dict(self.space.bounds)
+        narrowed = []
+        for name, (rig_low, rig_high) in limits.bounds.items():
+            if name not in bounds:
+                continue
+            low, high = max(bounds[name][0], rig_low), min(bounds[name][1], rig_high)
+            if low > high:
+                raise SpecError(
+                    f"campaign bounds {name}=[{bounds[name][0]:g}, {bounds[name][1]:g}] do not overlap the rig "
+                    f"limits [{rig_low:g}, {rig_high:g}]; fix [bounds] in campaign.toml."
+                )
+            if (low, high) != bounds[name]:
+                narrowed.append(f"{name} to [{low:g}, {high:g}]")
+                bounds[name] = (low, high)
+        self.space = SearchSpace(bounds)
+        return narrowed
 
     def __enter__(self) -> Campaign:
         return self

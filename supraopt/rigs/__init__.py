@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,7 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
         options.setdefault("id_prefix", campaign_prefix(campaign_dir))
         cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
     elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
+        _extend_import_path(campaign_dir)
         cls = _import_class(adapter, *adapter.split(":"))
     else:
         raise SpecError(
@@ -67,6 +69,16 @@ def campaign_prefix(campaign_dir: Path) -> str:
     resolved = Path(campaign_dir).resolve()
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", resolved.name).strip("._-")[:24] or "campaign"
     return f"{name}-{hashlib.sha1(str(resolved).encode()).hexdigest()[:6]}-"
+
+
+def _extend_import_path(campaign_dir: Path) -> None:
+    """Let ``package.module:Class`` name a module in the working folder or the campaign folder.
+
+    Appended, not prepended, so an installed package of the same name wins.
+    """
+    for folder in (Path.cwd(), campaign_dir.resolve()):
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
 
 
 def _import_class(adapter: str, module_name: str, class_name: str) -> Any:
