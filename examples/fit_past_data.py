@@ -19,7 +19,8 @@ from pathlib import Path
 import pandas as pd
 
 from supraopt import plots
-from supraopt.fit import fit_runs, read_runs, seed_campaign, write_tables
+from supraopt.fit import fit_runs, seed_campaign, write_tables
+from supraopt.pastdata import read_runs
 from supraopt.physics import Preset
 
 DATA = Path(__file__).resolve().parent / "data"

@@ -38,6 +38,8 @@ from supraopt.rigs.simulated import World
 from supraopt.spec import default_bounds
 
 PRESET = "cspbbr3-flow-focusing"
+NO_MEASUREMENT = 30.0
+"""Miss distance plotted for a campaign with no measured run yet (only failures)."""
 STRATEGIES = ("supraopt", "plain-bo", "random", "no-feasibility", "random-first-point", "no-noise-model")
 
 
@@ -233,14 +235,19 @@ def plot(results: Sequence[dict[str, Any]], budget: int, path: Path) -> None:
         n = np.sort(group["experiments_to_hit"].to_numpy())
         left.step(n, np.arange(1, len(n) + 1) / len(n), where="post", label=str(strategy))
         curves = np.array(group["curve"].tolist(), dtype=float)
-        curves[~np.isfinite(curves)] = np.nan
-        right.plot(np.arange(1, budget + 1), np.nanmedian(curves, axis=0), label=str(strategy))
+        curves = np.minimum(curves, NO_MEASUREMENT)  # only failures so far: off the top of the plot
+        right.plot(np.arange(1, budget + 1), np.median(curves, axis=0), label=str(strategy))
     left.set(
         xlabel="experiments to first hit", ylabel="fraction of campaigns hit", xlim=(0, budget + 1), ylim=(0, 1.02)
     )
     left.set_title("How many experiments a campaign needs")
     right.axhline(1.0, color="grey", linestyle="--", label="in spec (hit)")
-    right.set(xlabel="experiment number", ylabel="best miss distance (tolerance units, log)", yscale="log")
+    right.set(
+        xlabel="experiment number",
+        ylabel="best miss distance (tolerance units, log)",
+        yscale="log",
+        ylim=(0.3, NO_MEASUREMENT * 0.9),
+    )
     right.set_title("Best distance to target so far (median over campaigns)")
     for axis in (left, right):
         axis.grid(alpha=0.3)

@@ -267,17 +267,21 @@ def benchmark(
         summary = bench.summarise(results, budget)
         frame = bench.pd.DataFrame(results)
         frame.drop(columns=["curve"]).to_csv(out / "campaigns.csv", index=False)
+        curves = frame[["strategy", "world_seed", "target_nm", "curve"]].explode("curve")
+        curves.insert(3, "experiment", curves.groupby(level=0).cumcount() + 1)
+        curves.rename(columns={"curve": "best_miss_distance"}).to_csv(out / "curves.csv", index=False)
         summary.to_csv(out / "summary.csv", index=False)
         bench.plot(results, budget, out / "benchmark.png")
     table = Table(
         title=f"Experiments to first hit (tolerance 3 %, PDI ≤ 6 %, budget {budget}; misses count {budget + 1})"
     )
+    short = {"campaigns": "n", "median_latency_s": "latency s"}
     for column in summary.columns:
-        table.add_column(column, justify="right")
+        table.add_column(short.get(column, column.replace("hit<=", "hit ≤")), justify="right")
     for row in summary.itertuples(index=False):
         table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
-    console.print(f"Wrote {out}/campaigns.csv, summary.csv and benchmark.png.")
+    console.print(f"Wrote {out}/campaigns.csv, curves.csv, summary.csv and benchmark.png.")
     if latency:
         lat = bench.latency_table()
         lat.to_csv(out / "latency.csv", index=False)
@@ -561,7 +565,8 @@ def fit_command(
     """
     with user_errors():
         from supraopt import plots
-        from supraopt.fit import check_new_campaign_dir, fit_runs, parse_pairs, read_runs, seed_campaign, write_tables
+        from supraopt.fit import check_new_campaign_dir, fit_runs, seed_campaign, write_tables
+        from supraopt.pastdata import parse_pairs, read_runs
         from supraopt.physics import Preset
 
         if (into is None) != (target_nm is None):

@@ -18,7 +18,8 @@ from supraopt import physics
 from supraopt.campaign import Campaign
 from supraopt.cli import app
 from supraopt.errors import InputError
-from supraopt.fit import FitResult, Runs, droplet_law, fit_runs, read_runs, seed_campaign
+from supraopt.fit import FitResult, droplet_law, fit_runs, seed_campaign
+from supraopt.pastdata import Runs, read_runs
 from supraopt.physics import Preset
 
 CSPBBR3 = "cspbbr3-flow-focusing"

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from supraopt import plots
 from supraopt.campaign import Campaign
 from supraopt.cli import app
-from supraopt.fit import FitResult, fit_runs, read_runs
+from supraopt.fit import FitResult, fit_runs
+from supraopt.pastdata import read_runs
 from supraopt.physics import Preset
 from supraopt.records import Failure
 from supraopt.rigs.simulated import World
