@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/supraopt demo
+	$(BIN)/supraopt demo --world-seed 3   # a twin whose hidden physics differs from the prior
 
 test: setup
 	$(BIN)/ruff check .
