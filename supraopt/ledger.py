@@ -20,14 +20,16 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from supraopt.errors import InputError, LedgerError
 from supraopt.records import Failure, Measurement
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class Status(StrEnum):
@@ -394,6 +396,8 @@ class Ledger:
                 + [measured.get(n) for n in _MEASUREMENT_COLUMNS]
                 + [e.failure.reason if e.failure else None, e.note]
             )
+        import pandas as pd  # only exports need it; suggest stays quicker to start
+
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({name: "Int64" if name == "n_particles" else float for name in _MEASUREMENT_COLUMNS})
 
