@@ -49,6 +49,7 @@ from supraopt.surrogate import (
     pdi_noise_var,
     size_gp,
     size_noise_var,
+    with_droplet_data,
 )
 
 PLAIN_SIZE_RESIDUAL = ResidualPrior(sd=0.5, noise_sd=0.02)
@@ -238,7 +239,6 @@ class Campaign:
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
         failed = [e for e in experiments if e.status is Status.FAILED and e.failure is not None]
-        ok = done + [e for e in experiments if e.status is Status.DONE and e.measurement is None]
         open_ = [e for e in experiments if e.status in OPEN]
         z_done = self.space.to_unit(self.space.tensor([e.settings for e in done]))
         measured = [e.measurement for e in done if e.measurement is not None]
@@ -251,13 +251,20 @@ class Campaign:
         size_noise = size_noise_var(pdi, n_part) if opts.data_noise else torch.full_like(diam, 1e-6)
         pdi_noise = pdi_noise_var(n_part) if opts.data_noise else torch.full_like(diam, 1e-6)
         if opts.physics:
-            size, pdi_model = size_gp(self.preset, self.space), pdi_gp(self.preset, self.space)
+            with_drops = [e for e in done if e.measurement is not None and e.measurement.droplet_um is not None]
+            preset = with_droplet_data(
+                self.preset,
+                self.space,
+                self.space.to_unit(self.space.tensor([e.settings for e in with_drops])),
+                torch.log(torch.tensor([e.measurement.droplet_um for e in with_drops], dtype=torch.double)),  # type: ignore[union-attr]
+            )
+            size, pdi_model = size_gp(preset, self.space), pdi_gp(self.preset, self.space)
         else:
             size = constant_gp(self.space, math.log(self.spec.target.diameter_nm), PLAIN_SIZE_RESIDUAL)
             pdi_model = constant_gp(self.space, math.log(self.spec.target.pdi_max_pct), PLAIN_PDI_RESIDUAL)
         size.fit(z_done, torch.log(diam), size_noise)
         pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
-        log_c_ok = torch.log(self.space.tensor([e.settings for e in ok])[:, 0])
+        log_c_ok = torch.log(self.space.tensor([e.settings for e in done])[:, 0])
         failures = [
             (
                 math.log(e.settings["concentration_mg_ml"]),

@@ -55,6 +55,7 @@ from supraopt.space import SearchSpace
 from supraopt.spec import SPEC_FILE, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
+    DROPLET_NOISE_SD,
     PDI_RESIDUAL,
     SIZE_RESIDUAL,
     FeasibilityModel,
@@ -73,8 +74,6 @@ MODELS = ("physics only", "GP only", "physics + GP")
 DROPLET_RESIDUAL = ResidualPrior(sd=0.15, noise_sd=0.1)
 """Droplet stage: regime changes (dripping -> jetting) move sizes by tens of percent, and published
 data sets pool devices whose differences the columns do not hold: a broad prior on the extra noise."""
-DROPLET_NOISE_SD = 0.02
-"""Relative error of one measured mean droplet diameter (image analysis)."""
 DROPLET_TERMS = {
     "flow_ratio": "droplet_exponent_a",
     "capillary_number": "capillary_exponent_b",

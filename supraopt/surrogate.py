@@ -284,6 +284,36 @@ def size_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
     return PhysicsGP(fn, preset.prior(physics.SIZE_PARAMETERS), physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
 
 
+DROPLET_RESIDUAL = ResidualPrior(sd=0.05, noise_sd=0.02)
+DROPLET_NOISE_SD = 0.02
+"""Relative error of one in-line droplet sizing (camera and image analysis)."""
+
+
+def droplet_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
+    """GP on ``log(droplet_um)`` with the droplet law as prior: the first stage of the two-stage model."""
+
+    def fn(x: Tensor, theta: Tensor) -> Tensor:
+        return physics.log_droplet_um(x, theta, preset)
+
+    names = physics.DROPLET_PARAMETERS
+    return PhysicsGP(fn, preset.prior(names), names, space, DROPLET_RESIDUAL)
+
+
+def with_droplet_data(preset: Preset, space: SearchSpace, z: Tensor, log_droplet_um: Tensor) -> Preset:
+    """The preset whose droplet-law priors are replaced by their posterior given measured droplets.
+
+    When the rig sizes droplets in-line, the droplet stage is fitted directly (SCIENCE.md section 3)
+    and its posterior becomes the SP-size GP's prior for ``log_droplet_k``, ``droplet_exponent_a``
+    and ``droplet_temp_per_10c``; SP sizes then pin the packing fraction and exponent on their own.
+    """
+    if len(z) == 0:
+        return preset
+    gp = droplet_gp(preset, space).fit(z, log_droplet_um, torch.full_like(log_droplet_um, DROPLET_NOISE_SD**2))
+    mean, cov = gp.parameter_posterior(z, log_droplet_um)
+    sd = cov.diagonal().clamp_min(1e-12).sqrt()
+    return preset.with_priors({name: (float(mean[i]), float(sd[i])) for i, name in enumerate(gp.names)})
+
+
 def pdi_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
     """GP on ``log(pdi_pct)`` with the droplet + process polydispersity law as prior."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -181,6 +183,21 @@ def test_physics_posterior_returns_every_parameter(campaign):
     for name, (mean, sd, prior_mean, prior_sd) in posterior.items():
         assert (prior_mean, prior_sd) == campaign.preset.priors[name]
         assert np.isfinite(mean) and 0.0 <= sd <= prior_sd * (1 + 1e-9), name
+
+
+def test_measured_droplets_pin_the_droplet_law(campaign):
+    """Two-stage model: in-line droplet sizes pin k and a, which SP sizes alone cannot separate."""
+    true_log_k, true_a = math.log(0.8), 0.25
+    for c, r, t in ((3.0, 2.0, 30.0), (4.0, 5.0, 40.0), (5.0, 10.0, 50.0), (3.5, 3.0, 60.0)):
+        droplet = 0.8 * 5.0 * r**-true_a  # the preset's 5 µm nozzle
+        settings = {"concentration_mg_ml": c, "flow_ratio": r, "temperature_c": t}
+        campaign.add_run(settings, Measurement(450.0, 4.0, n_particles=100, droplet_um=droplet))
+    posterior = campaign.physics_posterior()
+    log_k, log_k_sd, prior_log_k, prior_sd = posterior["log_droplet_k"]
+    a, a_sd, _, _ = posterior["droplet_exponent_a"]
+    assert abs(log_k - true_log_k) < 0.1 < 0.3 < abs(prior_log_k - true_log_k)
+    assert abs(a - true_a) < 0.05 and a_sd < 0.3 * campaign.preset.priors["droplet_exponent_a"][1]
+    assert log_k_sd < 0.3 * prior_sd
 
 
 def test_physics_posterior_of_an_empty_campaign_is_the_prior(campaign):
