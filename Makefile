@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	bash .ci/with-postgres $(BIN)/pytest -q -m "not slow"
+	bash .ci/with-postgres $(BIN)/pytest -q
 
 benchmark: setup
 	$(BIN)/supraopt benchmark
