@@ -47,6 +47,9 @@ Crash-safety rules:
   while building one) is a rig error for that experiment: it is abandoned with a note and never fed
   to the model.
 * **Limits are checked right before every submit** (:func:`submit_within_limits`), resubmits included.
+  Once the rig's limits are known the campaign's search space is also narrowed to them
+  (:meth:`Campaign.restrict_to`), so new suggestions stay inside; the check remains for pending
+  experiments suggested before and for adapters whose limits change.
 * ``max_rig_errors`` experiments in a row ending without a result (refused, lost, cancelled, invalid)
   also stop the runner, so a misconfigured rig cannot make it suggest forever.
 
