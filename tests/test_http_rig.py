@@ -18,13 +18,13 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
+from _servers import serving
 
 from supraopt.campaign import Campaign
 from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout, SpecError
@@ -86,28 +86,6 @@ class FaultyRig:
             self.fail_after[method] -= 1
             raise RigError(f"{method} done, but the reply was lost")
         return value
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free port of 127.0.0.1; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, ws="none", lifespan="off", log_config=None, log_level="warning")
-    config.timeout_graceful_shutdown = 5
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 class DroppingProxy:
