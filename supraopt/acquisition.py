@@ -11,7 +11,8 @@ every probability is tiny (far from the target, early in a campaign).
 
 Candidates come from a scrambled Sobol set that is also *projected onto the target*: each point's
 concentration is moved by Newton steps on the size posterior mean until the predicted diameter is
-the target (the mass balance inverted), then the best few are polished by gradient ascent.
+the target (the mass balance inverted); the best few are then refined by a local search (jittered
+copies, projected again).
 
 For a batch, or when experiments are pending, supraopt maximises greedily the probability that
 *at least one* of the batch (pending included) hits, estimated from joint posterior samples: a
@@ -22,12 +23,14 @@ the unit cube to a chosen or pending one are also excluded outright).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.quasirandom import SobolEngine
 
+from supraopt.errors import InputError
 from supraopt.spec import Target
 from supraopt.surrogate import SEM_CALIBRATION_SD, Feasibility, PhysicsGP
 
@@ -80,9 +83,9 @@ class HitProbability:
     ) -> None:
         self.size, self.pdi, self.feasibility, self.target = size, pdi, feasibility, target
         self.n_particles = n_particles
-        self.log_low = torch.log(torch.tensor(target.diameter_nm * (1 - target.tolerance))).item()
-        self.log_high = torch.log(torch.tensor(target.diameter_nm * (1 + target.tolerance))).item()
-        self.log_pdi_max = torch.log(torch.tensor(target.pdi_max_pct)).item()
+        self.log_low = math.log(target.diameter_nm * (1 - target.tolerance))
+        self.log_high = math.log(target.diameter_nm * (1 + target.tolerance))
+        self.log_pdi_max = math.log(target.pdi_max_pct)
         self.pdi_noise_var = 1.0 / (2.0 * n_particles) + 0.05**2
 
     def size_noise_var(self, log_pdi: Tensor) -> Tensor:
@@ -208,5 +211,5 @@ def greedy_batch(acq: HitProbability, pool: Tensor, scores: Tensor, n: int, pend
         taken = torch.cat([taken, pool[i : i + 1]])
         miss_all = miss_all * (1 - pool_hits[:, i])
     if len(chosen) < n:
-        raise RuntimeError(f"could only find {len(chosen)} distinct experiments for a batch of {n=}.")
+        raise InputError(f"could only find {len(chosen)} distinct experiments for a batch of {n=}; ask for fewer.")
     return torch.stack(chosen)
