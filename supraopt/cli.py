@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -381,12 +382,23 @@ def print_run_summary(directory: Path, summary: Any) -> None:
 
 @contextmanager
 def interrupt_exit() -> Iterator[None]:
-    """Ctrl-C outside the runner (while loading): say so on one line and exit with code 130."""
+    """Ctrl-C, or SIGTERM (a service manager stopping us), stops the runner gracefully.
+
+    Inside the runner either becomes a graceful stop (runs in flight stay in the ledger, resumed next
+    time); outside it (while loading) one line and exit code 130.
+    """
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
     except KeyboardInterrupt:
         err_console.print("interrupted.")
         raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @app.command()

@@ -319,3 +319,28 @@ def test_a_resumed_long_run_is_waited_for_by_sleeping_between_polls(campaign: Ca
     assert summary.reason in (StopReason.HIT, StopReason.BUDGET) and summary.experiments_used == 1
     assert time.slept == pytest.approx(3600.0) and rig.submits[s.experiment_id] == 0
     assert rig.inner.poll(s.experiment_id).state in (RunState.DONE, RunState.FAILED)
+
+
+def test_sigterm_stops_the_runner_gracefully_leaving_the_run_in_flight(tmp_path: Path) -> None:
+    """A service manager's SIGTERM is a Ctrl-C: exit 130, the run stays in flight for the next run."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    directory = tmp_path / "term"
+    options = {"seed": 1, "duration_s": 60.0}  # the run is still going when the signal comes
+    Campaign.create(directory, CSPBBR3, 450.0, rig=RigSettings("simulated", options)).close()
+    command = [sys.executable, "-m", "supraopt.cli", "run", str(directory), "--budget", "1", "--poll-interval", "0.2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = directory / "run.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and "submitted" in log.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "the runner never submitted"
+        time.sleep(0.1)
+    os.kill(process.pid, signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert "run the same command again" in output
+    with Campaign.open(directory) as campaign:
+        assert [e.status for e in campaign.ledger.experiments()] in ([Status.DISPATCHED], [Status.RUNNING])
