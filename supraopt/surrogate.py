@@ -24,7 +24,8 @@ data (standard error of a mean of n particles) plus a learned extra term.
 **Feasibility.** Failed runs sit at the edges of a concentration window (hollow SPs below,
 unstable droplets above: SCIENCE.md section 5). Each edge has a prior from the preset and a
 posterior on a grid given every run: successes push edges outward, failures whose reason names
-an edge pull that edge in, failures of unknown cause pull the nearer edge. A local penalty around
+an edge pull that edge in, failures of unknown cause pull the nearer edge gently, and failures of
+the flow or the hardware ("jetting, no droplets") leave the window alone. A local penalty around
 every failed point keeps the optimiser away from failures the window does not explain.
 """
 
@@ -335,12 +336,16 @@ def pdi_noise_var(n_particles: Tensor) -> Tensor:
 
 # --- feasibility ---------------------------------------------------------------------------------
 
-HIGH_EDGE = re.compile(r"unstable|merg|coalesc|clog|jet|sediment|too (concentrated|high)|aggregat|block", re.I)
+HIGH_EDGE = re.compile(r"unstable|merg|coalesc|clog|sediment|too (concentrated|high)|aggregat|block", re.I)
 LOW_EDGE = re.compile(r"hollow|cream|buoyant|broken|shell|incomplete|too (dilute|low)|no (sp|supra)", re.I)
+NOT_AN_EDGE = re.compile(r"jet|no droplet|boil|bubble|leak|pressure|flow|pump|tub(e|ing)|nozzle|wet", re.I)
+"""Failures of the flow or the hardware, not of the concentration window: only penalised locally."""
 
 
 def failure_edge(reason: str) -> str | None:
-    """Which window edge a failure reason points to: 'high', 'low' or None (unknown)."""
+    """What a failure reason points to: the window's 'high' or 'low' edge, 'other', or None (unknown)."""
+    if NOT_AN_EDGE.search(reason):
+        return "other"
     high, low = bool(HIGH_EDGE.search(reason)), bool(LOW_EDGE.search(reason))
     if high == low:
         return None
@@ -377,6 +382,8 @@ class FeasibilityModel:
     """Width of an edge in natural-log concentration (edges are sharp: SCIENCE.md section 5)."""
     MISLABEL = 0.03
     """Probability that a run's outcome has nothing to do with the window."""
+    UNKNOWN_CAUSE = 0.25
+    """The same for a failure whose reason names no edge: it moves the nearer edge, but gently."""
     PENALTY = 0.9
     PENALTY_RADIUS = 0.07
 
@@ -402,16 +409,20 @@ class FeasibilityModel:
             log_post_low += self._log_mix(self._below(u, self.low_grid, inside=True))
             log_post_high += self._log_mix(self._above(u, self.high_grid, inside=True))
         for u, _, reason in failures:
-            edge = failure_edge(reason) or self._nearer_edge(u, log_post_low, log_post_high)
+            edge = failure_edge(reason)
+            if edge == "other":
+                continue  # the local penalty below keeps the optimiser away from it
+            mislabel = self.MISLABEL if edge else self.UNKNOWN_CAUSE
+            edge = edge or self._nearer_edge(u, log_post_low, log_post_high)
             if edge == "high":
-                log_post_high += self._log_mix(self._above(u, self.high_grid, inside=False))
+                log_post_high += self._log_mix(self._above(u, self.high_grid, inside=False), mislabel)
             else:
-                log_post_low += self._log_mix(self._below(u, self.low_grid, inside=False))
+                log_post_low += self._log_mix(self._below(u, self.low_grid, inside=False), mislabel)
         self.w_low = torch.softmax(log_post_low, 0)
         self.w_high = torch.softmax(log_post_high, 0)
 
-    def _log_mix(self, p: Tensor) -> Tensor:
-        return torch.log(self.MISLABEL + (1 - 2 * self.MISLABEL) * p)
+    def _log_mix(self, p: Tensor, mislabel: float = MISLABEL) -> Tensor:
+        return torch.log(mislabel + (1 - 2 * mislabel) * p)
 
     def _below(self, u: float, grid: Tensor, inside: bool) -> Tensor:
         """P(u is above the low edge) for each low-edge value on the grid (or its complement)."""
