@@ -264,22 +264,14 @@ class Campaign:
             pdi_model = constant_gp(self.space, math.log(self.spec.target.pdi_max_pct), PLAIN_PDI_RESIDUAL)
         size.fit(z_done, torch.log(diam), size_noise)
         pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
-        log_c_ok = torch.log(self.space.tensor([e.settings for e in done])[:, 0])
-        failures = [
-            (
-                math.log(e.settings["concentration_mg_ml"]),
-                self.space.to_unit(self.space.tensor([e.settings]))[0],
-                reason,
-            )
-            for e in failed
-            if (reason := e.failure.reason if e.failure else "")
-        ]
+        ok = self.space.tensor([e.settings for e in done])
+        failures = [(self.space.tensor([e.settings])[0], e.failure.reason) for e in failed if e.failure]
         feasibility: Feasibility = AlwaysFeasible()
         if opts.feasibility:
             preset = self.preset
             if not opts.physics:  # no physics knowledge of the window either: edges at the bounds
                 preset = replace(preset, window_mg_ml=self.spec.bounds["concentration_mg_ml"], window_log_sd=1.0)
-            feasibility = FeasibilityModel(preset, self.space, log_c_ok, failures)
+            feasibility = FeasibilityModel(preset, self.space, ok, failures)
         acquisition = HitProbability(size, pdi_model, feasibility, self.spec.target, n_typical)
         pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
         return Surrogates(size, pdi_model, feasibility, acquisition, pending_z)

@@ -495,12 +495,9 @@ def fit_runs(runs: Runs, model: str = "cspbbr3-flow-focusing", folds: int = 5, s
         sp = fit_stage(stage, folds, seed)
         failed = runs.frame[runs.frame["failed"] != ""]
         x_failed = torch.tensor(failed[list(SP_INPUTS)].to_numpy(float), dtype=torch.double).reshape(-1, 3)
-        failures = [
-            (math.log(float(x[0])), stage.space.to_unit(x), reason)
-            for x, reason in zip(x_failed, failed["failed"], strict=True)
-        ]
+        failures = list(zip(x_failed, failed["failed"], strict=True))
         assert isinstance(stage.space, SearchSpace)  # sp_stage's space is the campaign kind
-        feasibility = FeasibilityModel(preset, stage.space, torch.log(stage.x[:, 0]), failures)
+        feasibility = FeasibilityModel(preset, stage.space, stage.x, failures)
     for fitted in (sp, droplet):
         if fitted is not None and fitted.cv is None:
             notes.append(f"{fitted.stage.name} stage: no cross-validation (fewer than 4 runs, or --folds below 2).")

@@ -24,9 +24,10 @@ data (standard error of a mean of n particles) plus a learned extra term.
 **Feasibility.** Failed runs sit at the edges of a concentration window (hollow SPs below,
 unstable droplets above: SCIENCE.md section 5). Each edge has a prior from the preset and a
 posterior on a grid given every run: successes push edges outward, failures whose reason names
-an edge pull that edge in, failures of unknown cause pull the nearer edge gently, and failures of
-the flow or the hardware ("jetting, no droplets") leave the window alone. A local penalty around
-every failed point keeps the optimiser away from failures the window does not explain.
+an edge pull that edge in, failures of unknown cause pull the nearer edge gently. Failures of
+droplet generation ("jetting, no droplets") bound a second window, in flow ratio, whose edges
+start outside the rig's envelope. A local penalty around every failed point keeps the optimiser
+away from failures no window explains (a boiling coil, a leak).
 """
 
 from __future__ import annotations
@@ -338,12 +339,17 @@ def pdi_noise_var(n_particles: Tensor) -> Tensor:
 
 HIGH_EDGE = re.compile(r"unstable|merg|coalesc|clog|sediment|too (concentrated|high)|aggregat|block", re.I)
 LOW_EDGE = re.compile(r"hollow|cream|buoyant|broken|shell|incomplete|too (dilute|low)|no (sp|supra)", re.I)
-NOT_AN_EDGE = re.compile(r"jet|no droplet|boil|bubble|leak|pressure|flow|pump|tub(e|ing)|nozzle|wet", re.I)
-"""Failures of the flow or the hardware, not of the concentration window: only penalised locally."""
+FLOW_FAILURE = re.compile(r"jet|no droplet|flow|pressure|tip.?stream", re.I)
+"""Failures of droplet generation: they bound a window in flow ratio instead."""
+NOT_AN_EDGE = re.compile(r"boil|bubble|leak|pump|tub(e|ing)|nozzle|wet", re.I)
+"""Failures of the hardware: only penalised where they happened."""
 
 
 def failure_edge(reason: str) -> str | None:
-    """What a failure reason points to: the window's 'high' or 'low' edge, 'other', or None (unknown)."""
+    """What a failure reason points to: the concentration window's 'high' or 'low' edge, the
+    flow-ratio window ('flow'), the hardware ('other'), or None (unknown)."""
+    if FLOW_FAILURE.search(reason):
+        return "flow"
     if NOT_AN_EDGE.search(reason):
         return "other"
     high, low = bool(HIGH_EDGE.search(reason)), bool(LOW_EDGE.search(reason))
@@ -367,89 +373,130 @@ class AlwaysFeasible:
         return torch.ones(z.shape[:-1], dtype=z.dtype)
 
 
+class Window:
+    """Posterior of a ``[low, high]`` window on one log axis, each edge on a grid (see FeasibilityModel)."""
+
+    GRID = 600
+    SOFTNESS = 0.05
+    """Width of an edge in natural-log units (edges are sharp: SCIENCE.md section 5)."""
+
+    def __init__(self, low: float, high: float, sd: float, span: tuple[float, float]) -> None:
+        """Edges' prior means ``low``/``high`` and sd (natural logs); ``span``: the axis' log bounds."""
+        # both edges may end up anywhere on the axis (and a little beyond it)
+        grid = torch.linspace(min(span[0], low) - 3 * sd, max(span[1], high) + 3 * sd, self.GRID, dtype=torch.double)
+        self.low_grid, self.high_grid = grid, grid
+        self.log_low = -0.5 * ((self.low_grid - low) / sd) ** 2
+        self.log_high = -0.5 * ((self.high_grid - high) / sd) ** 2
+
+    @classmethod
+    def open_envelope(cls, span: tuple[float, float], inside_mass: float, margin: float) -> Window:
+        """A window with no known edges: each edge most likely beyond the envelope ``span`` (uniform
+        over ``margin`` outside it), with ``inside_mass`` spread evenly inside, so that a few failures
+        can bring it in without the prior favouring any setting inside."""
+        window = cls(span[0] - margin / 2, span[1] + margin / 2, margin / 2, span)
+        grid = window.low_grid
+        inside = (grid >= span[0]) & (grid <= span[1])
+        below, above = grid < span[0], grid > span[1]
+        low_prior = torch.where(inside, inside_mass / inside.sum(), (1 - inside_mass) / below.sum())
+        high_prior = torch.where(inside, inside_mass / inside.sum(), (1 - inside_mass) / above.sum())
+        window.log_low = torch.where(above, -torch.inf, torch.log(low_prior))
+        window.log_high = torch.where(below, -torch.inf, torch.log(high_prior))
+        return window
+
+    def inside(self, u: float, mislabel: float) -> None:
+        """A run at ``u`` worked: both edges are probably beyond it."""
+        self.log_low += _log_mix(torch.special.ndtr((u - self.low_grid) / self.SOFTNESS), mislabel)
+        self.log_high += _log_mix(torch.special.ndtr((self.high_grid - u) / self.SOFTNESS), mislabel)
+
+    def outside(self, u: float, edge: str, mislabel: float) -> None:
+        """A run at ``u`` failed beyond the ``edge`` ('low' or 'high')."""
+        if edge == "high":
+            self.log_high += _log_mix(torch.special.ndtr((u - self.high_grid) / self.SOFTNESS), mislabel)
+        else:
+            self.log_low += _log_mix(torch.special.ndtr((self.low_grid - u) / self.SOFTNESS), mislabel)
+
+    def edges(self) -> tuple[float, float]:
+        """Posterior-mean edges (natural logs)."""
+        low = float((torch.softmax(self.log_low, 0) * self.low_grid).sum())
+        high = float((torch.softmax(self.log_high, 0) * self.high_grid).sum())
+        return low, high
+
+    def nearer_edge(self, u: float) -> str:
+        low, high = self.edges()
+        return "high" if u - low > high - u else "low"
+
+    def prob(self, u: Tensor) -> Tensor:
+        """P(inside) at log values ``u`` (any shape); differentiable."""
+        u = u.unsqueeze(-1)
+        w_low, w_high = torch.softmax(self.log_low, 0), torch.softmax(self.log_high, 0)
+        p_low = (w_low * torch.special.ndtr((u - self.low_grid) / self.SOFTNESS)).sum(-1)
+        p_high = (w_high * torch.special.ndtr((self.high_grid - u) / self.SOFTNESS)).sum(-1)
+        return p_low * p_high
+
+
+def _log_mix(p: Tensor, mislabel: float) -> Tensor:
+    return torch.log(mislabel + (1 - 2 * mislabel) * p)
+
+
 class FeasibilityModel:
     """Probability that a run at given settings yields usable SPs (see module docstring).
 
+    Two windows: in concentration (prior from the preset's known window) and in flow ratio (prior:
+    the whole envelope works, until droplet-generation failures say otherwise), times a local
+    penalty around every failed run.
+
     Args:
-        preset: supplies the prior window (edges and their log-sd).
-        space: maps unit-cube points to settings.
-        log_c_ok: `n_ok` log concentrations of runs that gave SPs.
-        failures: `(log concentration, unit-cube point, reason)` of every failed run.
+        preset: supplies the prior concentration window (edges and their log-sd).
+        space: maps settings to the unit cube.
+        ok: `n_ok x 3` settings (physical) of runs that gave SPs.
+        failures: `(settings as a 3-vector, reason)` of every failed run.
     """
 
-    GRID = 400
-    SOFTNESS = 0.05
-    """Width of an edge in natural-log concentration (edges are sharp: SCIENCE.md section 5)."""
     MISLABEL = 0.03
-    """Probability that a run's outcome has nothing to do with the window."""
+    """Probability that a run's outcome has nothing to do with a window."""
     UNKNOWN_CAUSE = 0.25
     """The same for a failure whose reason names no edge: it moves the nearer edge, but gently."""
+    FLOW_INSIDE = 0.1
+    """Prior probability that a flow-ratio edge lies inside the envelope (the rig's bounds)."""
+    FLOW_MISLABEL = 0.05
     PENALTY = 0.9
     PENALTY_RADIUS = 0.07
 
-    def __init__(
-        self,
-        preset: Preset,
-        space: SearchSpace,
-        log_c_ok: Tensor,
-        failures: Sequence[tuple[float, Tensor, str]],
-    ) -> None:
+    def __init__(self, preset: Preset, space: SearchSpace, ok: Tensor, failures: Sequence[tuple[Tensor, str]]) -> None:
         self.space = space
-        low, high = preset.window_mg_ml
-        sd = preset.window_log_sd
-        lo_b, hi_b = (math.log(b) for b in space.bounds["concentration_mg_ml"])
-        self.low_grid = torch.linspace(min(lo_b, math.log(low)) - 3 * sd, math.log(low) + 3 * sd, self.GRID)
-        self.high_grid = torch.linspace(math.log(high) - 3 * sd, max(hi_b, math.log(high)) + 3 * sd, self.GRID)
-        log_post_low = -0.5 * ((self.low_grid - math.log(low)) / sd) ** 2
-        log_post_high = -0.5 * ((self.high_grid - math.log(high)) / sd) ** 2
-        self.fail_points = torch.stack([f[1] for f in failures]) if failures else torch.empty(0, space.dim)
-        log_post_low = log_post_low.double()
-        log_post_high = log_post_high.double()
-        for u in log_c_ok.tolist():
-            log_post_low += self._log_mix(self._below(u, self.low_grid, inside=True))
-            log_post_high += self._log_mix(self._above(u, self.high_grid, inside=True))
-        for u, _, reason in failures:
+        low, high = (math.log(v) for v in preset.window_mg_ml)
+        (c_low, c_high), (r_low, r_high) = space.bounds["concentration_mg_ml"], space.bounds["flow_ratio"]
+        r_span = (math.log(r_low), math.log(r_high))
+        self.concentration = Window(low, high, preset.window_log_sd, (math.log(c_low), math.log(c_high)))
+        self.flow = Window.open_envelope(r_span, inside_mass=self.FLOW_INSIDE, margin=2.0)
+        x_fail = torch.stack([f[0] for f in failures]) if failures else torch.empty(0, space.dim, dtype=torch.double)
+        self.fail_points = space.to_unit(x_fail)
+        log_ok = torch.log(ok[:, :2]) if len(ok) else torch.empty(0, 2, dtype=torch.double)
+        for u_c, u_r in log_ok.tolist():
+            self.concentration.inside(u_c, self.MISLABEL)
+            self.flow.inside(u_r, self.MISLABEL)
+        for x, reason in failures:
+            u_c, u_r = math.log(float(x[0])), math.log(float(x[1]))
             edge = failure_edge(reason)
             if edge == "other":
-                continue  # the local penalty below keeps the optimiser away from it
+                continue  # the local penalty keeps the optimiser away from it
+            if edge == "flow":
+                # which side: relative to the runs that worked, else to the middle of the envelope
+                middle = float(log_ok[:, 1].median()) if len(log_ok) else 0.5 * (r_span[0] + r_span[1])
+                self.flow.outside(u_r, "low" if u_r < middle else "high", self.FLOW_MISLABEL)
+                continue
             mislabel = self.MISLABEL if edge else self.UNKNOWN_CAUSE
-            edge = edge or self._nearer_edge(u, log_post_low, log_post_high)
-            if edge == "high":
-                log_post_high += self._log_mix(self._above(u, self.high_grid, inside=False), mislabel)
-            else:
-                log_post_low += self._log_mix(self._below(u, self.low_grid, inside=False), mislabel)
-        self.w_low = torch.softmax(log_post_low, 0)
-        self.w_high = torch.softmax(log_post_high, 0)
-
-    def _log_mix(self, p: Tensor, mislabel: float = MISLABEL) -> Tensor:
-        return torch.log(mislabel + (1 - 2 * mislabel) * p)
-
-    def _below(self, u: float, grid: Tensor, inside: bool) -> Tensor:
-        """P(u is above the low edge) for each low-edge value on the grid (or its complement)."""
-        p = torch.special.ndtr((u - grid.double()) / self.SOFTNESS)
-        return p if inside else 1 - p
-
-    def _above(self, u: float, grid: Tensor, inside: bool) -> Tensor:
-        p = torch.special.ndtr((grid.double() - u) / self.SOFTNESS)
-        return p if inside else 1 - p
-
-    def _nearer_edge(self, u: float, log_post_low: Tensor, log_post_high: Tensor) -> str:
-        low = float((torch.softmax(log_post_low, 0) * self.low_grid).sum())
-        high = float((torch.softmax(log_post_high, 0) * self.high_grid).sum())
-        return "high" if u - low > high - u else "low"
+            self.concentration.outside(u_c, edge or self.concentration.nearer_edge(u_c), mislabel)
 
     def edges_mg_ml(self) -> tuple[float, float]:
-        """Posterior-mean window edges, in mg/mL."""
-        low = float((self.w_low * self.low_grid.double()).sum())
-        high = float((self.w_high * self.high_grid.double()).sum())
+        """Posterior-mean concentration window edges, in mg/mL."""
+        low, high = self.concentration.edges()
         return math.exp(low), math.exp(high)
 
     def prob(self, z: Tensor) -> Tensor:
         """P(feasible) at `... x 3` unit-cube points (`...`); differentiable in ``z``."""
-        log_c = torch.log(self.space.from_unit(z)[..., 0]).unsqueeze(-1)
-        p_low = (self.w_low * torch.special.ndtr((log_c - self.low_grid.double()) / self.SOFTNESS)).sum(-1)
-        p_high = (self.w_high * torch.special.ndtr((self.high_grid.double() - log_c) / self.SOFTNESS)).sum(-1)
-        p = p_low * p_high
+        log_x = torch.log(self.space.from_unit(z)[..., :2])
+        p = self.concentration.prob(log_x[..., 0]) * self.flow.prob(log_x[..., 1])
         if len(self.fail_points):
             d2 = ((z.unsqueeze(-2) - self.fail_points) ** 2).sum(-1)
             bump = self.PENALTY * torch.exp(-0.5 * d2 / self.PENALTY_RADIUS**2)

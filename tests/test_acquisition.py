@@ -92,7 +92,7 @@ def test_log_interval_prob_gradient_is_finite_in_the_tails():
 
 def prior_acquisition(preset, space, target_nm=450.0):
     size, pdi = size_gp(preset, space), pdi_gp(preset, space)
-    feasibility = FeasibilityModel(preset, space, torch.empty(0, dtype=torch.double), [])
+    feasibility = FeasibilityModel(preset, space, torch.empty(0, 3, dtype=torch.double), [])
     return HitProbability(size, pdi, feasibility, Target(target_nm), n_particles=100)
 
 

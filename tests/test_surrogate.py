@@ -188,15 +188,14 @@ def test_noise_variances_shrink_with_more_particles():
 
 BELOW = [1.5, 2.0, 2.5, 3.0]  # mg/mL
 ABOVE = [6.5, 7.0, 8.0, 9.0]
-NO_RUNS = torch.empty(0, dtype=torch.double)
+NO_RUNS = torch.empty(0, 3, dtype=torch.double)
 
 
 def feasibility(preset, space, failures=(), ok=()):
-    fails = [
-        (math.log(c), space.to_unit(physical([(c, 10.0, 25.0)]))[0], reason) for c, reason in failures
-    ]  # failures at a flow ratio and temperature far from where P(feasible) is read
-    log_c_ok = torch.log(torch.tensor(list(ok), dtype=torch.double)) if ok else NO_RUNS
-    return FeasibilityModel(preset, space, log_c_ok, fails)
+    # failures at a flow ratio and temperature far from where P(feasible) is read
+    fails = [(physical([(c, 10.0, 25.0)])[0], reason) for c, reason in failures]
+    runs = physical([(c, 4.0, 40.0) for c in ok]) if ok else NO_RUNS
+    return FeasibilityModel(preset, space, runs, fails)
 
 
 def p_feasible(model, space, concentrations):
@@ -260,7 +259,7 @@ def test_successes_push_the_edges_outward(preset, space):
 def test_a_failure_penalises_its_own_neighbourhood(preset, space):
     # an unexplained failure in the middle of the window: the point itself becomes unattractive
     z_fail = space.to_unit(physical([(4.0, 10.0, 25.0)]))
-    model = FeasibilityModel(preset, space, NO_RUNS, [(math.log(4.0), z_fail[0], "droplets unstable")])
+    model = FeasibilityModel(preset, space, NO_RUNS, [(physical([(4.0, 10.0, 25.0)])[0], "droplets unstable")])
     base = feasibility(preset, space)
     assert float(model.prob(z_fail)[0]) < 0.2 * float(base.prob(z_fail)[0])
 
@@ -277,8 +276,9 @@ def test_p_feasible_is_a_probability(preset, space):
         ("droplets unstable", "high"),
         ("Droplets MERGE in the coil", "high"),
         ("channel clogged", "high"),
-        ("jetting, no droplets", "other"),
-        ("pressure spike in the coil", "other"),
+        ("jetting, no droplets", "flow"),
+        ("pressure spike in the coil", "flow"),
+        ("the heater boiled the toluene", "other"),
         ("SPs sediment", "high"),
         ("hollow particles", "low"),
         ("broken shells", "low"),
@@ -309,3 +309,19 @@ def test_physics_kernel_never_reuses_the_features_of_another_tensor(preset, spac
     assert torch.allclose(
         kernel.features(second), physics.jacobian(kernel.fn, space.from_unit(second), kernel.theta_lin)
     )
+
+
+def test_jetting_at_low_flow_ratio_closes_the_low_flow_side(preset, space):
+    """Droplet-generation failures bound a window in flow ratio, on the side away from the runs that worked."""
+    ok = physical([(4.0, 8.0, 40.0), (4.0, 10.0, 40.0)])
+    jetting = [(physical([(4.0, r, 40.0)])[0], "jetting, no droplets") for r in (4.5, 4.0)]
+    base, once, twice = (FeasibilityModel(preset, space, ok, jetting[:k]) for k in range(3))
+
+    def p_at(model, r):  # read away from the failures' own neighbourhood
+        return float(model.prob(space.to_unit(physical([(4.0, r, 70.0)])))[0])
+
+    assert p_at(twice, 2.5) < p_at(once, 2.5) < 0.8 * p_at(base, 2.5)
+    assert p_at(twice, 2.5) < 0.2 * p_at(base, 2.5)  # two failures: the low side is closed
+    assert p_at(twice, 9.0) == pytest.approx(p_at(base, 9.0), rel=0.02)  # the side that worked is not
+    assert twice.edges_mg_ml() == pytest.approx(base.edges_mg_ml())  # the concentration window is untouched
+    assert min(p_at(base, 1.2), p_at(base, 19.0)) > 0.85  # no failures: the whole envelope is open
