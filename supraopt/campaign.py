@@ -299,8 +299,9 @@ class Campaign:
     def suggest(self, n: int = 1) -> list[Suggestion]:
         """Propose `n` experiments, record them as pending (with their predictions) and return them."""
         start = time.perf_counter()
-        pairs = self.propose(n)
-        ids = self.ledger.add_pending(pairs)
+        with self.ledger.exclusive():  # concurrent suggests see each other's pending experiments
+            pairs = self.propose(n)
+            ids = self.ledger.add_pending(pairs)
         self.last_suggest_seconds = time.perf_counter() - start
         return [Suggestion(i, s, p) for i, (s, p) in zip(ids, pairs, strict=True)]
 

@@ -209,6 +209,36 @@ class Ledger:
         self._engine.dispose()
 
     @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the campaign's suggestion lock: one process at a time reads the ledger, proposes and
+        records its proposals, so concurrent ``suggest`` calls see each other's pending experiments.
+
+        SQLite: an exclusive ``flock`` on ``<database>.lock`` beside the file; PostgreSQL: a session
+        advisory lock. Other writes (results) are not blocked.
+        """
+        url = self._engine.url
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            import fcntl
+
+            with open(f"{url.database}.lock", "a") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+        elif url.get_backend_name() == "postgresql":
+            with self._engine.connect() as conn:
+                conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('supraopt-suggest'))"))
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext('supraopt-suggest'))"))
+                    conn.commit()
+        else:
+            yield
+
+    @contextmanager
     def _transaction(self, *, write: bool) -> Iterator[sa.Connection]:
         """One transaction, committed on exit; database errors become :class:`LedgerError`."""
         try:

@@ -128,6 +128,8 @@ def test_eight_processes_suggesting_and_recording_lose_and_duplicate_nothing(
             assert (e.status, e.measurement, e.failure) == (Status.DONE, entry["result"], None)
         else:
             assert (e.status, e.failure, e.measurement) == (Status.FAILED, entry["result"], None)
+    proposed = [tuple(sorted(e.settings.items())) for e in experiments]
+    assert len(set(proposed)) == total  # the suggestion lock: each process saw the others' pending runs
     history: dict[str, list[str]] = {}
     for event in events:
         history.setdefault(event["experiment_id"], []).append(event["kind"])
