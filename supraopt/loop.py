@@ -93,6 +93,8 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 600.0
 """Longest wait between two retries after rig errors."""
 DEMO_PRESET = "cspbbr3-flow-focusing"
+IMPLAUSIBLE_PDI_PCT = 0.5
+"""Below this a reported polydispersity is most likely a fraction sent where percent was meant."""
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -669,6 +671,15 @@ class _Runner:
         if isinstance(result, Measurement):
             hit = self.target.is_hit(result.diameter_nm, result.pdi_pct)
             self._emit(Event("measured", flight.id, result=result, hit=hit, best=self.best, message=message))
+            if 0 < result.pdi_pct < IMPLAUSIBLE_PDI_PCT:
+                self._emit(
+                    Event(
+                        "warning",
+                        flight.id,
+                        message=f"{flight.id}: pdi_pct={result.pdi_pct:g} % is implausibly low; the adapter must "
+                        "report polydispersity in percent (5.0 for a CV of 0.05).",
+                    )
+                )
         else:
             self._emit(Event("failed", flight.id, result=result, best=self.best, message=message))
 

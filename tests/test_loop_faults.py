@@ -427,3 +427,27 @@ def test_cli_run_exits_2_with_one_line_when_the_rig_keeps_failing(
     assert "the rig failed 2 times in a row" in stopped and "no link to the pump controller" in stopped
     with Campaign.open(directory) as campaign:
         assert campaign.ledger.get("E001").status is Status.DISPATCHED
+
+
+def test_a_polydispersity_sent_as_a_fraction_is_flagged(campaign: Campaign) -> None:
+    """An adapter that reports CV 0.05 instead of 5 % gets a warning naming the unit, once per run."""
+
+    class FractionRig(FaultyRig):
+        def poll(self, experiment_id: str) -> RunStatus:
+            status = super().poll(experiment_id)
+            if isinstance(status.result, Measurement):
+                fraction = dataclasses.replace(status.result, pdi_pct=status.result.pdi_pct / 100)
+                return dataclasses.replace(status, result=fraction)
+            return status
+
+    _, events = go(campaign, FractionRig(), budget=2)
+    warnings = [e for e in events if e.kind == "warning" and "in percent" in e.message]
+    measured = [e for e in events if e.kind == "measured"]
+    assert measured and len(warnings) == len(measured)
+    assert all(e.experiment_id == m.experiment_id for e, m in zip(warnings, measured, strict=True))
+
+
+def test_a_plausible_polydispersity_is_not_flagged(campaign: Campaign) -> None:
+    _, events = go(campaign, FaultyRig(), budget=2)
+    assert [e for e in events if e.kind == "measured"]
+    assert not [e for e in events if e.kind == "warning" and "in percent" in e.message]
