@@ -603,22 +603,17 @@ class _Runner:
                 _crash_point("after_mark_running")
                 flight.running = True
                 self._emit(Event("running", flight.id, message=status.message))
-        elif state is RunState.DONE:
+        elif state in (RunState.DONE, RunState.FAILED):
             _crash_point("after_poll_done")
+            done = state is RunState.DONE
+            result: Measurement | Failure
             try:
-                measurement = _valid_measurement(status.result)
+                result = _valid_measurement(status.result) if done else _valid_failure(status.result)
             except InputError as error:
-                self._abandon(flight.id, f"rig error: invalid result ({error}); not used by the model.")
+                what = "result" if done else "failure report"
+                self._abandon(flight.id, f"rig error: invalid {what} ({error}); not used by the model.")
                 return
-            self._record(flight, measurement, status.message)
-        elif state is RunState.FAILED:
-            _crash_point("after_poll_done")
-            try:
-                failure = _valid_failure(status.result)
-            except InputError as error:
-                self._abandon(flight.id, f"rig error: invalid failure report ({error}); not used by the model.")
-                return
-            self._record(flight, failure, status.message)
+            self._record(flight, result, status.message)
         elif state is RunState.LOST:
             _crash_point("after_poll_lost")
             if flight.resubmitted:
