@@ -19,7 +19,8 @@ from supraopt.campaign import Campaign
 from supraopt.cli import app
 from supraopt.errors import InputError, RigError, RigTimeout
 from supraopt.ledger import OPEN, Ledger, Status
-from supraopt.loop import Event, RunSummary, StopReason, _RigCall, run_campaign, submit_within_limits
+from supraopt.loop import Event, RunSummary, StopReason, run_campaign, submit_within_limits
+from supraopt.loop.rigcall import RigCall
 from supraopt.records import PARAMETERS, Measurement, Proposal, RigLimits, RunState, RunStatus
 from supraopt.rigs.base import Rig
 from supraopt.rigs.simulated import HOLLOW, NO_DROPLETS, UNSTABLE, SimulatedRig
@@ -219,7 +220,7 @@ def test_a_stuck_call_site_keeps_at_most_one_thread() -> None:
         release.wait(30)
         return value
 
-    guard = _RigCall("stuck", stuck, 0.05)
+    guard = RigCall("stuck", stuck, 0.05)
     try:
         for value in range(3):
             with pytest.raises(RigTimeout, match=r"rig\.stuck\(\)"):
@@ -231,7 +232,7 @@ def test_a_stuck_call_site_keeps_at_most_one_thread() -> None:
     guard.timeout_s = 30.0  # wait as long as it takes the released thread to return
     assert guard(7) == 7  # once the stuck call has returned, calls go through again
     with pytest.raises(RigError, match="boom"):
-        _RigCall("raising", lambda: (_ for _ in ()).throw(RigError("boom")), 1.0)()
+        RigCall("raising", lambda: (_ for _ in ()).throw(RigError("boom")), 1.0)()
 
 
 def test_nan_negative_or_plain_number_results_are_abandoned_not_learned(campaign: Campaign) -> None:

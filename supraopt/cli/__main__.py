@@ -1,0 +1,5 @@
+"""``python -m supraopt.cli``: the same as the ``supraopt`` command."""
+
+from supraopt.cli import main
+
+main()

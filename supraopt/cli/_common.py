@@ -1,0 +1,82 @@
+"""What every verb shares: the typer app, the consoles, one-line user errors and number formatting."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from supraopt.errors import SupraoptError
+
+app = typer.Typer(
+    help="Physics-informed Bayesian optimisation of microfluidic supraparticle synthesis.\n\n"
+    "Typical use: 'supraopt init DIR ...', then repeat 'supraopt suggest DIR' and 'supraopt record DIR ID ...'; "
+    "or let 'supraopt run DIR' drive a rig by itself.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+CampaignDir = Annotated[Path, typer.Argument(help="Campaign folder (holds campaign.toml and the ledger).")]
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn supraopt's own errors into one line on stderr and exit code 1."""
+    try:
+        yield
+    except SupraoptError as error:
+        err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
+
+
+def open_campaign(directory: Path) -> Any:
+    from supraopt.campaign import Campaign  # imported lazily: torch takes a second to load
+
+    return Campaign.open(directory)
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+def settings_text(settings: dict[str, float]) -> list[str]:
+    return [
+        fmt(settings.get("concentration_mg_ml"), 3),
+        fmt(settings.get("flow_ratio"), 2),
+        fmt(settings.get("temperature_c"), 1),
+    ]
+
+
+SETTING_HEADERS = ["c (mg/mL)", "Q_c/Q_d", "T (°C)"]
+
+
+def main() -> None:
+    """Console entry point: like ``app()``, but a usage error (e.g. ``--pdi abc``) is one line too."""
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError  # typer ships its own click
+
+    try:
+        code = app(standalone_mode=False)
+    except NoArgsIsHelpError as error:
+        print(error.ctx.get_help() if error.ctx else "")
+        code = 0
+    except ClickException as error:
+        err_console.print(
+            f"[bold red]error:[/] {escape(error.format_message())} (see --help)", highlight=False, soft_wrap=True
+        )
+        code = error.exit_code
+    except typer.Abort:
+        err_console.print("aborted.")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)

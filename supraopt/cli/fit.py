@@ -1,0 +1,130 @@
+"""Learning from past runs and looking at models: ``supraopt fit`` and ``supraopt plot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from supraopt.cli._common import CampaignDir, app, console, open_campaign, user_errors
+from supraopt.errors import InputError
+
+MAP_HELP = (
+    "FIELD=COLUMN, repeatable: the column holding a field when its header is not recognised, e.g. "
+    "--map diameter='SP size'. Fields: concentration, flow_ratio (or q_continuous and q_dispersed), temperature, "
+    "diameter, pdi, n_particles, droplet, failed, capillary_number, orifice_width, aspect_ratio. "
+    "FIELD= (empty) ignores a column picked automatically."
+)
+UNIT_HELP = (
+    "FIELD=UNIT, repeatable, where the header does not say it (e.g. 'T (K)' does): concentration=mg/mL|vol%|fraction "
+    "(volume fractions use the preset's NC density), flow_ratio=Qc/Qd|Qd/Qc, temperature=C|K, diameter=nm|um, "
+    "pdi=%|fraction|dls, droplet=um|nm|mm|d/w, orifice_width=um|mm, q_continuous=uL/min|mL/h|..."
+)
+
+
+def frame_table(frame: Any, title: str, index: str | None = None) -> Table:
+    """A pandas DataFrame as a rich table, numbers to three significant digits."""
+    table = Table(title=title, title_justify="left")
+    columns = ([index] if index else []) + [str(c) for c in frame.columns]
+    for column in columns:
+        table.add_column(column, justify="right")
+    for key, row in frame.iterrows():
+        cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
+        table.add_row(*([str(key)] if index else []), *cells)
+    return table
+
+
+@app.command("fit")
+def fit_command(
+    data: Annotated[Path, typer.Argument(help="Past runs: a CSV or Parquet file, one run per row.")],
+    model: Annotated[str, typer.Option(help="Physics preset whose constants and priors the fit starts from.")] = (
+        "cspbbr3-flow-focusing"
+    ),
+    map_: Annotated[list[str] | None, typer.Option("--map", help=MAP_HELP)] = None,
+    unit: Annotated[list[str] | None, typer.Option("--unit", help=UNIT_HELP)] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for tables and plots (default: ./<DATA name>-fit).")] = None,
+    folds: Annotated[int, typer.Option(help="k of the k-fold cross-validation; 0 skips it.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of the split into folds.")] = 0,
+    draw: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots into --out.")] = True,
+    into: Annotated[
+        Path | None,
+        typer.Option(
+            help="Create a new campaign in this folder whose preset (DIR/prior.toml) carries the fitted priors. "
+            "The past runs live on in that prior; they are not copied into the new ledger (that would count them twice)."
+        ),
+    ] = None,
+    target_nm: Annotated[
+        float | None, typer.Option("--target-nm", help="Target SP diameter of the --into campaign, nm.")
+    ] = None,
+) -> None:
+    """Learn from past runs: fit the physics parameters, and compare physics only, GP only and physics + GP.
+
+    Columns are found from their headers ('c (mg/mL)', 'phi_i (%)', 'Qc/Qd', 'T (K)', 'SP size (µm)', 'CV (%)',
+    'droplet_size', 'capillary_number', ...); name the others with --map and give units with --unit.
+    """
+    with user_errors():
+        from supraopt import plots
+        from supraopt.fit import check_new_campaign_dir, fit_runs, seed_campaign, write_tables
+        from supraopt.pastdata import parse_pairs, read_runs
+        from supraopt.physics import Preset
+
+        if (into is None) != (target_nm is None):
+            raise InputError("--into DIR and --target-nm X go together: give both or neither.")
+        if folds < 0 or folds == 1:
+            raise InputError(f"--folds {folds} must be 0 (no cross-validation) or at least 2.")
+        if into is not None:
+            check_new_campaign_dir(into)
+        preset = Preset.load(model)
+        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"))
+        read = Table(title=f"Columns read from {data}", title_justify="left")
+        for header in ("field", "column", "unit"):
+            read.add_column(header)
+        for name, (column, unit_name) in runs.mapping.items():
+            read.add_row(name, column, unit_name)
+        console.print(read)
+        with console.status("Fitting and cross-validating..."):
+            result = fit_runs(runs, model, folds, seed)
+        out = out or Path(f"{data.stem}-fit")
+        written = write_tables(result, out)
+        if draw:
+            written += plots.write(plots.fit_figures(result), out)
+        if into is not None and target_nm is not None:
+            seed_campaign(result, into, target_nm).close()
+    failed = int((runs.frame["failed"] != "").sum())
+    console.print(f"{len(runs.frame)} runs ({failed} failed), preset {model}.", highlight=False)
+    for note in result.notes:
+        console.print(f"[dim]note: {note}[/]", highlight=False, soft_wrap=True)
+    shown = result.parameters()
+    shown["prior"] = [f"{m:.3g} ± {s:.2g}" for m, s in zip(shown["prior_mean"], shown["prior_sd"], strict=True)]
+    shown["fitted"] = [
+        f"{m:.3g} ± {s:.2g}" for m, s in zip(shown["posterior_mean"], shown["posterior_sd"], strict=True)
+    ]
+    shown = shown.rename(columns={"fitted": "fitted (MAP ± sd)", "sd_ratio": "sd / prior sd", "reads_as": "reads as"})
+    for stage_name, part in shown.groupby("stage", sort=False):
+        columns = ["prior", "fitted (MAP ± sd)", "sd / prior sd", "reads as"]
+        title = f"{str(stage_name).capitalize()} stage: physics parameters (sd from the Laplace posterior)"
+        console.print(frame_table(part.set_index("parameter")[columns], title, "parameter"))
+    for stage in result.stages():
+        if stage.cv is not None:
+            title = f"{stage.stage.name.capitalize()} stage: {stage.cv.folds}-fold cross-validation"
+            console.print(frame_table(stage.cv.table, title, "model"))
+    console.print(f"Wrote {len(written)} files to {out}/: {', '.join(p.name for p in written)}", highlight=False)
+    if into is not None:
+        console.print(
+            f"Created campaign {into} with the fitted prior ({into}/prior.toml). Next: supraopt suggest {into}"
+        )
+
+
+@app.command("plot")
+def plot_command(
+    directory: CampaignDir,
+    out: Annotated[Path | None, typer.Option(help="Folder for the PNG files (default: DIR/plots).")] = None,
+) -> None:
+    """Draw a campaign's convergence (distance to target, PDI) and the maps of its current model."""
+    with user_errors(), open_campaign(directory) as campaign:
+        from supraopt import plots
+
+        paths = plots.write(plots.campaign_figures(campaign), out or directory / "plots")
+    console.print(f"Wrote {', '.join(str(p) for p in paths)}", highlight=False)

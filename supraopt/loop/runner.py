@@ -1,0 +1,184 @@
+"""The loop itself: adopt what is in flight, then pass after pass fill, poll and wait until a stop rule holds.
+
+See :mod:`supraopt.loop` for the rules it keeps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from supraopt.campaign import Campaign
+from supraopt.errors import InputError
+from supraopt.ledger import Status
+from supraopt.loop.collect import poll
+from supraopt.loop.dispatch import fill
+from supraopt.loop.events import Event, Progress, RunSummary, StopReason
+from supraopt.loop.rigcall import crash_point
+from supraopt.loop.state import Flight, RigCalls, Runner, Stop
+from supraopt.rigs import load_rig
+from supraopt.rigs.base import Rig
+
+RUN_LOG = "run.log"
+
+
+def run_campaign(
+    campaign: Campaign,
+    rig: Rig,
+    *,
+    budget: int | None = None,
+    batch: int | None = None,
+    stop_on_hit: bool | None = None,
+    poll_interval_s: float | None = None,
+    rig_timeout_s: float | None = None,
+    max_rig_errors: int | None = None,
+    progress: Progress | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunSummary:
+    """Drive ``rig`` until the target is hit, the budget is spent, Ctrl-C, or the rig keeps failing.
+
+    Every keyword left at None takes its value from the campaign's ``[loop]`` table
+    (:class:`~supraopt.spec.LoopSettings`). ``progress`` receives every :class:`Event`; ``sleep`` and
+    ``clock`` can be replaced in tests. See the module docstring for the protocol.
+    """
+    overrides: dict[str, Any] = {
+        "budget": budget,
+        "batch": batch,
+        "stop_on_hit": stop_on_hit,
+        "poll_interval_s": poll_interval_s,
+        "rig_timeout_s": rig_timeout_s,
+        "max_rig_errors": max_rig_errors,
+    }
+    settings = dataclasses.replace(campaign.spec.loop, **{k: v for k, v in overrides.items() if v is not None})
+    runner = Runner(campaign, settings, RigCalls.wrap(rig, settings.rig_timeout_s), progress, sleep, clock)
+    return drive(runner)
+
+
+def run(
+    directory: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    budget: int | None = None,
+    batch: int | None = None,
+    stop_on_hit: bool | None = None,
+    poll_interval_s: float | None = None,
+    rig_timeout_s: float | None = None,
+    max_rig_errors: int | None = None,
+    progress: Progress | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> RunSummary:
+    """Open the campaign in ``directory``, load its rig and run the loop (what ``supraopt run`` does).
+
+    ``adapter`` overrides the campaign's ``[rig] adapter``; the ``[rig.options]`` table is passed only
+    when the adapter is the campaign's own. A dotted-path adapter is also looked up in the current
+    folder and in the campaign folder.
+    """
+    directory = Path(directory)
+    with Campaign.open(directory) as campaign:
+        configured = campaign.spec.rig
+        name = adapter or configured.adapter
+        options = dict(configured.options) if name == configured.adapter else {}
+        rig = load_rig(name, options, directory)
+        return run_campaign(
+            campaign,
+            rig,
+            budget=budget,
+            batch=batch,
+            stop_on_hit=stop_on_hit,
+            poll_interval_s=poll_interval_s,
+            rig_timeout_s=rig_timeout_s,
+            max_rig_errors=max_rig_errors,
+            progress=progress,
+            sleep=sleep,
+            clock=clock,
+        )
+
+
+def drive(r: Runner) -> RunSummary:
+    """Run the loop to a stop; Ctrl-C is a stop too (experiments in flight stay in the ledger)."""
+    path = r.campaign.directory / RUN_LOG
+    try:
+        r.log = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in the finally below
+    except OSError as error:
+        raise InputError(f"cannot write the run log {path} ({error.strerror}); check the folder.") from None
+    try:
+        try:
+            adopt(r)
+            while True:
+                step(r)
+        except Stop as stop:
+            return r.finish(stop.reason, stop.message)
+        except KeyboardInterrupt:
+            left = r.open_in_flight()
+            how = "run the same command again to resume"
+            if left:
+                text = f"interrupted with {', '.join(left)} in flight (kept in the ledger); {how}: they are polled, not resubmitted."
+            else:
+                text = f"interrupted; {how}."
+            return r.finish(StopReason.INTERRUPTED, text)
+    finally:
+        r.log.close()
+
+
+def step(r: Runner) -> None:
+    r.refresh()
+    s = r.settings
+    stopping = s.stop_on_hit and r.hit
+    if not stopping:
+        room = min(s.batch - len(r.flights), s.budget - r.finished - len(r.flights))
+        if room > 0:
+            fill(r, room)
+    if not r.flights:
+        if stopping:
+            best = r.best
+            assert best is not None
+            raise Stop(
+                StopReason.HIT,
+                f"target hit by {best.experiment_id} ({best.diameter_nm:.0f} nm, PDI {best.pdi_pct:.1f} %) "
+                f"after {r.finished} experiment(s).",
+            )
+        if r.finished >= s.budget:
+            verdict = "target hit" if r.hit else "target not hit"
+            raise Stop(StopReason.BUDGET, f"budget of {s.budget} experiment(s) spent; {verdict}.")
+    now = r.clock()
+    for flight in sorted(r.flights.values(), key=lambda f: f.experiment.created_at):
+        if flight.due <= now and flight.id in r.flights:
+            poll(r, flight)
+    wait(r)
+
+
+def wait(r: Runner) -> None:
+    now = r.clock()
+    dues = [f.due for f in r.flights.values()]
+    if r.limits is None and r.limits_due > now:
+        dues.append(r.limits_due)  # retrying rig.limits() after an error
+    if not dues:
+        return
+    delay = min(dues) - now
+    if delay > 0:
+        r.sleep(delay)
+
+
+def adopt(r: Runner) -> None:
+    """Take over every DISPATCHED/RUNNING experiment: they are polled, never resubmitted blindly."""
+    now = r.clock()
+    for e in r.ledger.experiments([Status.DISPATCHED, Status.RUNNING]):
+        r.flights[e.id] = Flight(e, e.status is Status.RUNNING, now)
+    pending = [e.id for e in r.ledger.experiments([Status.PENDING])]
+    crash_point("after_adopt")
+    if r.flights or pending:
+        parts = []
+        if r.flights:
+            parts.append(f"asking the rig about {', '.join(r.flights)}")
+        if pending:
+            parts.append(f"pending {', '.join(pending)} will be dispatched first")
+        r.emit(Event("resumed", message="; ".join(parts) + "."))
+    else:
+        s = r.settings
+        r.emit(Event("started", message=f"budget {s.budget}, batch {s.batch}, stop on hit: {s.stop_on_hit}."))
