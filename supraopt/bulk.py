@@ -9,19 +9,26 @@ Columns (header names, any order):
 * ``failed`` — a reason instead of a result when the chemistry failed;
 * ``note`` — optional free text.
 
-Every row is checked before anything is written: a bad file leaves the ledger unchanged.
+Every row is checked before anything is written, and the rows are then written in one transaction:
+a bad file, an error or Ctrl-C leaves the ledger unchanged. A content hash of each row is kept in the
+ledger, so importing the same rows again is refused (``duplicates="skip"`` records only the new
+ones, ``duplicates="allow"`` records them again).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from supraopt.errors import InputError, SupraoptError
-from supraopt.ledger import OPEN
+from supraopt.ledger import OPEN, BatchRow
+from supraopt.paths import check_input_file
 from supraopt.records import PARAMETERS, Failure, Measurement
 
 if TYPE_CHECKING:
@@ -40,12 +47,16 @@ def _blank(value: Any) -> bool:
 
 def read_table(path: Path) -> pd.DataFrame:
     """Read a CSV, with a one-line error when it cannot be parsed."""
+    check_input_file(path, "CSV file")
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except FileNotFoundError:
         raise InputError(f"CSV file {path} does not exist.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise InputError(f"CSV file {path} cannot be read: {str(error).strip().splitlines()[0]}.") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"CSV file {path} cannot be read: {first}.") from None
+    except OSError as error:
+        raise InputError(f"CSV file {path} cannot be read ({error.strerror or error}).") from None
     return frame
 
 
@@ -91,8 +102,38 @@ def parse_row(row: int, data: dict[str, str]) -> tuple[str | None, dict[str, Any
     return experiment_id, settings, result, note
 
 
-def record_csv(campaign: Campaign, path: Path) -> list[str]:
-    """Validate every row of ``path``, then record them all; returns the experiment ids."""
+DUPLICATES = ("refuse", "skip", "allow")
+"""What to do with rows imported before: refuse the file, skip those rows, or record them again."""
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What an import did."""
+
+    ids: list[str]
+    """Experiment ids recorded, in file order."""
+    skipped: list[int] = field(default_factory=list)
+    """File rows (1 = header) left out because they had been imported before."""
+
+
+def row_digest(
+    experiment_id: str | None, settings: dict[str, Any] | None, result: Measurement | Failure, note: str
+) -> str:
+    """A content hash of one parsed row: the same run typed again ('441.50' for '441.5') hashes the same."""
+    kind = "measurement" if isinstance(result, Measurement) else "failure"
+    content = {"id": experiment_id, "settings": settings, kind: result.to_json(), "note": note.strip()}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def _rows_text(rows: list[int]) -> str:
+    shown = ", ".join(str(r) for r in rows[:5])
+    return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
+
+
+def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse") -> ImportReport:
+    """Validate every row of ``path``, then record them all in one transaction."""
+    if duplicates not in DUPLICATES:
+        raise InputError(f"duplicates={duplicates!r} must be one of {', '.join(DUPLICATES)}.")
     frame = read_table(path)
     unknown = set(frame.columns) - KNOWN
     if unknown:
@@ -102,30 +143,40 @@ def record_csv(campaign: Campaign, path: Path) -> list[str]:
     if frame.empty:
         raise InputError(f"CSV file {path} has no rows.")
     records: list[dict[str, str]] = frame.to_dict("records")  # type: ignore[assignment]
-    rows = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
+    parsed = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
+    digests = [row_digest(*row) for row in parsed]
+    rows = list(enumerate(zip(parsed, digests, strict=True), start=2))
+    skipped: list[int] = []
+    if duplicates != "allow":
+        before = campaign.ledger.imported(digests)
+        again = [i for i, (_, digest) in rows if digest in before]
+        if again and duplicates == "refuse":
+            first_id, source, when = before[digests[again[0] - 2]]
+            raise InputError(
+                f"{len(again)} of {len(rows)} row(s) of {path} were imported before (row {again[0]} as {first_id} "
+                f"from {source or 'a file'} on {when:%Y-%m-%d %H:%M} UTC); nothing was recorded. Add --skip-duplicates "
+                f"to record only the {len(rows) - len(again)} new row(s), or --allow-duplicates for real repeats."
+            )
+        skipped = again
+        rows = [(i, row) for i, row in rows if i not in set(again)]
     seen: set[str] = set()
-    for i, (experiment_id, settings, _, _) in enumerate(rows, start=2):
+    batch = []
+    for i, ((experiment_id, settings, result, note), digest) in rows:
+        where = f"row {i}"
         if experiment_id is not None:
             if experiment_id in seen:
-                raise InputError(f"row {i}: experiment {experiment_id} appears twice in the file.")
+                raise InputError(f"{where}: experiment {experiment_id} appears twice in the file.")
             seen.add(experiment_id)
             try:
                 status = campaign.ledger.get(experiment_id).status
             except SupraoptError as error:
-                raise InputError(f"row {i}: {error}") from None
+                raise InputError(f"{where}: {error}") from None
             if status not in OPEN:
                 raise InputError(
-                    f"row {i}: experiment {experiment_id} already has a result ({status}); use 'record --correct'."
+                    f"{where}: experiment {experiment_id} already has a result ({status}); use 'record --correct'."
                 )
         else:
             assert settings is not None
-            campaign.space.validate(settings, where=f"row {i}")
-    ids = []
-    for experiment_id, settings, result, note in rows:
-        if experiment_id is None:
-            assert settings is not None
-            ids.append(campaign.add_run(settings, result, note))
-        else:
-            campaign.record(experiment_id, result, note=note)
-            ids.append(experiment_id)
-    return ids
+            settings = campaign.space.validate(settings, where=where)
+        batch.append((where, BatchRow(experiment_id, settings, result, note, digest)))
+    return ImportReport(campaign.record_many(batch, source=str(path)), skipped)

@@ -23,9 +23,9 @@ from torch.quasirandom import SobolEngine
 from supraopt import physics
 from supraopt.acquisition import HitProbability, propose
 from supraopt.errors import InputError, LedgerError, SpecError
-from supraopt.ledger import OPEN, Experiment, Ledger, Status
+from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.physics import Preset
-from supraopt.records import Failure, Measurement, RigLimits
+from supraopt.records import Failure, Measurement, Plausible, RigLimits
 from supraopt.space import SearchSpace
 from supraopt.spec import (
     SPEC_FILE,
@@ -33,8 +33,10 @@ from supraopt.spec import (
     LoopSettings,
     RigSettings,
     Target,
+    check_plausible,
     default_bounds,
     load_spec,
+    plausible_ranges,
     preset_path,
     resolve_model,
 )
@@ -146,6 +148,21 @@ def miss_distance(target: Target, measurement: Measurement) -> float:
     return max(size, measurement.pdi_pct / target.pdi_max_pct)
 
 
+def _refuse_empty_ledger(database: Path) -> None:
+    """A 0-byte ledger file is a lost history, not a new campaign: say so instead of starting afresh."""
+    try:
+        empty = database.stat().st_size == 0
+        wal = database.with_name(database.name + "-wal")
+        empty = empty and (not wal.exists() or wal.stat().st_size == 0)
+    except OSError:
+        return  # no ledger yet (a new campaign) or unreadable: the ledger itself will say
+    if empty:
+        raise LedgerError(
+            f"the ledger {database} is an empty file (0 bytes): this campaign's history is missing. Restore it "
+            "from a backup, or delete the empty file to start this campaign with an empty ledger."
+        )
+
+
 class Campaign:
     """A campaign folder: ``campaign.toml`` (the spec) and the ledger. Use :meth:`create` / :meth:`open`."""
 
@@ -156,6 +173,8 @@ class Campaign:
         self.options = options or ModelOptions()
         self.preset = Preset.load(resolve_model(spec.model, directory))
         self.space = SearchSpace(spec.bounds)
+        self.plausible: Plausible = plausible_ranges(resolve_model(spec.model, directory), spec.plausible)
+        """What a rig of this kind can measure: results outside are refused (see ``[plausible]``)."""
         self.last_suggest_seconds = math.nan
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -191,16 +210,23 @@ class Campaign:
             ledger_url=ledger_url,
             loop=loop or LoopSettings(),
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (SPEC_FILE + ".tmp")
-        tmp.write_text(spec.to_toml(), encoding="utf-8")
-        tmp.replace(directory / SPEC_FILE)
+        check_plausible(spec, plausible_ranges(resolve_model(model, directory)))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            tmp = directory / (SPEC_FILE + ".tmp")
+            tmp.write_text(spec.to_toml(), encoding="utf-8")
+            tmp.replace(directory / SPEC_FILE)
+        except OSError as error:
+            raise SpecError(f"cannot create the campaign in {str(directory)!r} ({error.strerror or error}).") from None
         return cls.open(directory)
 
     @classmethod
     def open(cls, directory: str | Path, options: ModelOptions | None = None) -> Campaign:
         directory = Path(directory)
         spec = load_spec(directory)
+        if spec.ledger_url is None:
+            database = directory / "ledger.sqlite"
+            _refuse_empty_ledger(database)
         url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
         return cls(directory, spec, Ledger(url), options)
 
@@ -283,6 +309,16 @@ class Campaign:
         if not (isinstance(n, int) and 1 <= n <= 64):
             raise InputError(f"number of experiments n={n!r} must be an integer between 1 and 64.")
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        try:
+            return self._propose(n, experiments)
+        except torch.linalg.LinAlgError as error:
+            first = (str(error).splitlines() or ["no detail"])[0]
+            raise SpecError(
+                f"the model could not be computed for this campaign (numerical failure: {first}); "
+                "check [bounds] in campaign.toml (an envelope far wider than the rig?) and the recorded results."
+            ) from None
+
+    def _propose(self, n: int, experiments: list[Experiment]) -> list[tuple[dict, dict]]:
         surrogates = self.fit(experiments)
         seed = (self.spec.seed * 100_003 + len(experiments)) % 2**63
         torch.manual_seed(seed)
@@ -308,7 +344,11 @@ class Campaign:
     def record(
         self, experiment_id: str, result: Measurement | Failure, *, note: str = "", correct: bool = False
     ) -> None:
-        """Record what the rig measured (or that the chemistry failed) for a suggested experiment."""
+        """Record what the rig measured (or that the chemistry failed) for a suggested experiment.
+
+        A measurement outside :attr:`plausible` (a fraction given as a percent, ...) is refused."""
+        if isinstance(result, Measurement):
+            self.plausible.check_measurement(result)
         if correct:
             if not note:
                 note = "corrected by user"
@@ -328,6 +368,22 @@ class Campaign:
             self.ledger.abandon(experiment_id, "could not record the result")
             raise
         return experiment_id
+
+    def record_many(self, rows: Sequence[tuple[str, BatchRow]], source: str = "") -> list[str]:
+        """Record many results in one transaction (all or nothing); ``rows`` pairs a label (``row 7``) with each.
+
+        Settings of new runs must lie inside the bounds and measurements must be plausible; the first
+        bad row is refused, named by its label, before anything is written."""
+        batch = []
+        for where, row in rows:
+            if isinstance(row.result, Measurement):
+                self.plausible.check_measurement(row.result, where)
+            if row.settings is not None:
+                row = replace(
+                    row, settings=self.space.validate(row.settings, where), note=row.note or "added from past data"
+                )
+            batch.append(row)
+        return self.ledger.record_batch(batch, source)
 
     def status(self) -> CampaignStatus:
         experiments = self.ledger.experiments()

@@ -86,6 +86,31 @@ _events = sa.Table(
     sqlite_autoincrement=True,
 )
 
+_imports = sa.Table(
+    "imports",
+    _metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("digest", sa.String(64), nullable=False, index=True),
+    sa.Column("experiment_id", sa.String(40), nullable=False),
+    sa.Column("source", sa.Text, nullable=False),
+    sa.Column("at", sa.String(40), nullable=False),
+    sqlite_autoincrement=True,
+)
+"""One row per imported result (``record --csv``): a content hash of the row, to spot a file imported twice.
+Ledgers written before it existed get the table when they are next opened."""
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    """One result of a bulk import: for an open experiment (``experiment_id``) or a new run (``settings``)."""
+
+    experiment_id: str | None
+    settings: dict[str, float] | None
+    result: Measurement | Failure
+    note: str = ""
+    digest: str | None = None
+    """Content hash of the source row, kept in the ledger to recognise a repeated import."""
+
 
 @dataclass(frozen=True)
 class Experiment:
@@ -172,18 +197,69 @@ def _configure_sqlite(engine: sa.Engine) -> None:
         conn.exec_driver_sql(f"BEGIN {mode}")
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _Damage(Exception):
+    """A value read back from the ledger that no supraopt write could have produced."""
+
+
+def _timestamp(text: Any, what: str = "timestamp") -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        raise _Damage(f"{what} {text!r} is not an ISO date and time") from None
+
+
+def _json(text: Any, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError, RecursionError):
+        raise _Damage(f"{what} {str(text)[:60]!r} is not valid JSON") from None
+
+
+def _number_map(text: Any, what: str) -> dict[str, float]:
+    data = _json(text, what)
+    if not isinstance(data, dict):
+        raise _Damage(f"{what} is {str(text)[:60]!r}, not a JSON object of numbers")
+    try:
+        return _numbers(what, data)
+    except InputError as error:
+        raise _Damage(str(error).rstrip(".")) from None
+
+
 def _experiment(row: sa.Row[Any]) -> Experiment:
-    result = json.loads(row.result) if row.result is not None else {}
+    try:
+        status = Status(row.status)
+    except ValueError:
+        raise _Damage(f"status {row.status!r} is not one of {', '.join(s.value for s in Status)}") from None
+    result = _json(row.result, "result payload") if row.result is not None else {}
+    if not isinstance(result, dict):
+        raise _Damage(f"result payload {str(row.result)[:60]!r} is not a JSON object")
+    try:
+        measurement = Measurement.from_json(result["measurement"]) if "measurement" in result else None
+        failure = Failure(result["failure"]["reason"]) if "failure" in result else None
+    except (InputError, KeyError, TypeError, ValueError) as error:
+        raise _Damage(f"its result {str(row.result)[:80]!r} is not a valid measurement or failure ({error})") from None
     return Experiment(
         id=row.id,
-        status=Status(row.status),
-        settings=json.loads(row.settings),
-        prediction=json.loads(row.prediction),
-        created_at=datetime.fromisoformat(row.created_at),
-        updated_at=datetime.fromisoformat(row.updated_at),
-        measurement=Measurement.from_json(result["measurement"]) if "measurement" in result else None,
-        failure=Failure(result["failure"]["reason"]) if "failure" in result else None,
-        note=row.note,
+        status=status,
+        settings=_number_map(row.settings, "settings"),
+        prediction=_number_map(row.prediction, "prediction"),
+        created_at=_timestamp(row.created_at, "created_at"),
+        updated_at=_timestamp(row.updated_at, "updated_at"),
+        measurement=measurement,
+        failure=failure,
+        note=str(row.note or ""),
     )
 
 
@@ -252,19 +328,68 @@ class Ledger:
     def add_pending(self, items: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[str]:
         """Record suggested experiments, given as ``(settings, prediction)`` pairs; return their new ids."""
         rows = [(_numbers("setting", settings), _numbers("prediction", prediction)) for settings, prediction in items]
+        with self._transaction(write=True) as conn:
+            now = _now()
+            return [self._insert_pending(conn, settings, prediction, now) for settings, prediction in rows]
+
+    @classmethod
+    def _insert_pending(
+        cls, conn: sa.Connection, settings: dict[str, float], prediction: dict[str, float], now: str
+    ) -> str:
+        values = {"status": Status.PENDING.value, "created_at": now, "updated_at": now, "note": ""}
+        values |= {"settings": _dumps(settings), "prediction": _dumps(prediction)}
+        placeholder = f"new-{uuid.uuid4().hex}"  # unique until the seq is known
+        insert = sa.insert(_experiments).values(id=placeholder, **values).returning(_experiments.c.seq)
+        seq = conn.execute(insert).scalar_one()
+        experiment_id = f"E{seq:03d}"
+        conn.execute(sa.update(_experiments).where(_experiments.c.seq == seq).values(id=experiment_id))
+        cls._append(conn, experiment_id, "suggested", now, {"settings": settings, "prediction": prediction})
+        return experiment_id
+
+    def record_batch(self, rows: Sequence[BatchRow], source: str = "") -> list[str]:
+        """Record many results in ONE transaction: all of them, or (on any error or interruption) none.
+
+        A row with an ``experiment_id`` records the result of that open experiment; a row without one
+        adds a new run with its ``settings`` and result. Each row's ``digest`` is kept (see :meth:`imported`).
+        Returns the experiment ids, in the order of ``rows``.
+        """
+        prepared = []
+        for row in rows:
+            settings = None if row.settings is None else _numbers("setting", row.settings)
+            if (row.experiment_id is None) == (settings is None):
+                raise InputError(f"a batch row needs either an experiment id or settings, not {row!r}.")
+            prepared.append((row, settings, _result_payload(row.result, row.note)))
         ids = []
         with self._transaction(write=True) as conn:
             now = _now()
-            for settings, prediction in rows:
-                values = {"status": Status.PENDING.value, "created_at": now, "updated_at": now, "note": ""}
-                values |= {"settings": _dumps(settings), "prediction": _dumps(prediction)}
-                placeholder = f"new-{uuid.uuid4().hex}"  # unique until the seq is known
-                insert = sa.insert(_experiments).values(id=placeholder, **values).returning(_experiments.c.seq)
-                seq = conn.execute(insert).scalar_one()
-                ids.append(f"E{seq:03d}")
-                conn.execute(sa.update(_experiments).where(_experiments.c.seq == seq).values(id=ids[-1]))
-                self._append(conn, ids[-1], "suggested", now, {"settings": settings, "prediction": prediction})
+            for row, settings, payload in prepared:
+                if settings is not None:
+                    experiment_id = self._insert_pending(conn, settings, {}, now)
+                else:
+                    experiment_id = str(row.experiment_id)
+                    self._require_open(experiment_id, self._lock(conn, experiment_id))
+                status, kind = (Status.DONE, "measured") if "measurement" in payload else (Status.FAILED, "failed")
+                self._change(conn, experiment_id, status, kind, payload, row.note)
+                if row.digest is not None:
+                    values = {"digest": row.digest, "experiment_id": experiment_id, "source": source, "at": now}
+                    conn.execute(sa.insert(_imports).values(**values))
+                ids.append(experiment_id)
         return ids
+
+    def imported(self, digests: Collection[str]) -> dict[str, tuple[str, str, datetime]]:
+        """Which of ``digests`` were imported before: digest -> (experiment id, source file, when), first import."""
+        wanted = list(dict.fromkeys(digests))
+        found: dict[str, tuple[str, str, datetime]] = {}
+        with self._transaction(write=False) as conn:
+            for start in range(0, len(wanted), 500):
+                query = (
+                    sa.select(_imports)
+                    .where(_imports.c.digest.in_(wanted[start : start + 500]))
+                    .order_by(_imports.c.seq.desc())
+                )
+                for r in conn.execute(query):
+                    found[r.digest] = (r.experiment_id, r.source, _timestamp(r.at))
+        return found
 
     def mark_dispatched(self, experiment_id: str) -> None:
         """Record that the rig accepted the experiment (no-op if already dispatched or running)."""
@@ -376,7 +501,20 @@ class Ledger:
             .order_by(_experiments.c.seq)
         )
         with self._transaction(write=False) as conn:
-            return [_experiment(row) for row in conn.execute(query)]
+            rows = conn.execute(query).all()
+        out = []
+        for row in rows:
+            try:
+                out.append(_experiment(row))
+            except _Damage as damage:
+                raise self._damaged(f"experiment {row.id} (table experiments, seq {row.seq})", str(damage)) from None
+        return out
+
+    def _damaged(self, which: str, what: str) -> LedgerError:
+        return LedgerError(
+            f"the ledger at {self._where} is damaged: {which}: {what}. Nothing was changed; copy the file, then "
+            "repair that row with an SQLite tool (e.g. sqlite3), taking the values from its 'events' history."
+        )
 
     def get(self, experiment_id: str) -> Experiment:
         """Return one experiment; raise :class:`LedgerError` if the id is unknown."""
@@ -400,15 +538,19 @@ class Ledger:
             rows = conn.execute(query).all()
         if experiment_id is not None and not rows:
             raise _unknown(experiment_id)  # every experiment has its 'suggested' event
-        return [
-            {
-                "experiment_id": r.experiment_id,
-                "kind": r.kind,
-                "at": datetime.fromisoformat(r.at),
-                "payload": json.loads(r.payload),
-            }
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            try:
+                event = {
+                    "experiment_id": r.experiment_id,
+                    "kind": r.kind,
+                    "at": _timestamp(r.at, "at"),
+                    "payload": _json(r.payload, "payload"),
+                }
+            except _Damage as damage:
+                raise self._damaged(f"event of {r.experiment_id} (table events, seq {r.seq})", str(damage)) from None
+            out.append(event)
+        return out
 
     def to_frame(self) -> pd.DataFrame:
         """One row per experiment: id, status, timestamps, settings, ``pred_*``, measurement, failure_reason, note."""
@@ -442,6 +584,7 @@ class Ledger:
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+            _fsync_folder(path.parent)
         except OSError as exc:
             raise LedgerError(f"cannot write {str(path)!r} ({exc.strerror}); check the folder exists.") from exc
         finally:

@@ -160,3 +160,45 @@ class RigLimits:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RigLimits:
         return cls({k: (float(v[0]), float(v[1])) for k, v in data.items()})
+
+
+PLAUSIBLE: dict[str, tuple[float, float]] = {
+    "diameter_nm": (5.0, 1e6),
+    "pdi_pct": (0.5, 100.0),
+    "n_particles": (2.0, 1e8),
+    "droplet_um": (0.1, 1e4),
+    "concentration_mg_ml": (1e-4, 1e3),
+    "flow_ratio": (1e-3, 1e3),
+    "temperature_c": (-60.0, 250.0),
+}
+"""What a microfluidic supraparticle rig can measure (results) or set (bounds), inclusive: the generic
+default. A preset's ``[plausible]`` table narrows it for its rig, a campaign's ``[plausible]`` table
+overrides both for a truly unusual system. Below 0.5 % a polydispersity is surely a fraction."""
+
+
+@dataclass(frozen=True)
+class Plausible:
+    """Ranges of plausible results and settings (names as in :data:`PLAUSIBLE`); checks give one-line errors."""
+
+    ranges: dict[str, tuple[float, float]] = field(default_factory=lambda: dict(PLAUSIBLE))
+
+    def check(self, name: str, value: float, where: str = "") -> None:
+        """Raise :class:`InputError` when ``value`` lies outside the plausible range of ``name``."""
+        low, high = self.ranges[name]
+        if low <= value <= high:
+            return
+        prefix = f"{where}: " if where else ""
+        unit = {"diameter_nm": " nm", "pdi_pct": " %", "droplet_um": " µm"}.get(name, "")
+        hint = f"if your system really gives this, widen [plausible] {name} in campaign.toml."
+        if name == "pdi_pct" and 0 < value <= 1 and value < low:
+            hint = (
+                f"it looks like a fraction: a CV of {value:g} is {value * 100:g} %, so give {value * 100:g}. "
+                f"For a truly tiny CV, lower [plausible] pdi_pct in campaign.toml."
+            )
+        raise InputError(f"{prefix}{name}={value:g}{unit} is not plausible (expected {low:g} to {high:g}); {hint}")
+
+    def check_measurement(self, measurement: Measurement, where: str = "") -> None:
+        """Check every field of a measurement that is given."""
+        for name, value in measurement.to_json().items():
+            if name in self.ranges:
+                self.check(name, float(value), where)

@@ -10,16 +10,24 @@ from __future__ import annotations
 import json
 import math
 import tomllib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from supraopt.errors import SpecError
-from supraopt.records import PARAMETERS, UNITS
+from supraopt.errors import InputError, SpecError
+from supraopt.records import PARAMETERS, PLAUSIBLE, UNITS, Plausible
 
 SPEC_FILE = "campaign.toml"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 """Physics presets shipped with supraopt (``models/*.toml`` at the top of the repository)."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -65,16 +73,18 @@ class LoopSettings:
     """Consecutive rig errors after which the runner stops with a message."""
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.budget, int) and self.budget >= 1):
+        if not (_is_int(self.budget) and self.budget >= 1):
             raise SpecError(f"loop budget={self.budget!r} must be a positive integer.")
-        if not (isinstance(self.batch, int) and 1 <= self.batch <= 64):
+        if not (_is_int(self.batch) and 1 <= self.batch <= 64):
             raise SpecError(f"loop batch={self.batch!r} must be an integer between 1 and 64.")
         for name in ("poll_interval_s", "rig_timeout_s"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (_is_real(value) and math.isfinite(value) and value >= 0):
                 raise SpecError(f"loop {name}={value!r} must be a non-negative number of seconds.")
-        if not (isinstance(self.max_rig_errors, int) and self.max_rig_errors >= 1):
+        if not (_is_int(self.max_rig_errors) and self.max_rig_errors >= 1):
             raise SpecError(f"loop max_rig_errors={self.max_rig_errors!r} must be a positive integer.")
+        if not isinstance(self.stop_on_hit, bool):
+            raise SpecError(f"loop stop_on_hit={self.stop_on_hit!r} must be true or false.")
 
 
 @dataclass(frozen=True)
@@ -101,13 +111,15 @@ class CampaignSpec:
     loop: LoopSettings = field(default_factory=LoopSettings)
     ledger_url: str | None = None
     """SQLAlchemy URL; None means ``sqlite:///<campaign dir>/ledger.sqlite``."""
+    plausible: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Overrides of the preset's plausible ranges (``[plausible]``), for a truly unusual system."""
 
     def __post_init__(self) -> None:
         if set(self.bounds) != set(PARAMETERS):
             raise SpecError(f"bounds must give exactly {', '.join(PARAMETERS)}; got {', '.join(self.bounds)}.")
         for name, (low, high) in self.bounds.items():
-            if not (math.isfinite(low) and math.isfinite(high) and low <= high):
-                raise SpecError(f"bounds {name}=[{low}, {high}] must be finite with low <= high.")
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise SpecError(f"bounds {name}=[{low}, {high}] must be finite with low < high.")
             if name != "temperature_c" and low <= 0:
                 raise SpecError(f"bounds {name}=[{low}, {high}] must be positive.")
 
@@ -148,6 +160,9 @@ class CampaignSpec:
             f"rig_timeout_s = {loop.rig_timeout_s!r}",
             f"max_rig_errors = {loop.max_rig_errors}",
         ]
+        if self.plausible:
+            lines += ["", "[plausible]   # overrides of the preset's plausible ranges: only for a truly unusual system"]
+            lines += [f"{k} = [{low!r}, {high!r}]" for k, (low, high) in self.plausible.items()]
         return "\n".join(lines) + "\n"
 
 
@@ -190,65 +205,208 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise SpecError(f"{path} does not exist.") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path} is not valid TOML: {error}.") from None
+    except UnicodeDecodeError as error:
+        raise SpecError(f"{path} is not UTF-8 text (byte {error.start}); save it as UTF-8.") from None
+    except RecursionError:
+        raise SpecError(f"{path} nests arrays or tables too deeply to be a campaign or preset file.") from None
+    except OSError as error:
+        raise SpecError(f"{path} cannot be read ({error.strerror or error}).") from None
+
+
+# --- strict readers: every value is checked for its type, every error names the file, table and key ---
+
+TOP_LEVEL = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop", "plausible"}
+"""Keys allowed at the top of campaign.toml; a new table adds its name here and a ``_parse_<table>``."""
+
+_MISSING: Any = object()
+
+
+class _Reader:
+    """One table of campaign.toml, read strictly: its errors say ``<file>: [table] key=value must be ...``."""
+
+    def __init__(self, data: Any, source: str, table: str) -> None:
+        self.source, self.name = source, table
+        if not isinstance(data, dict):
+            raise self.error(f"{self.label} must be a table (key = value lines under [{table}]), not {data!r}")
+        self.data = data
+
+    @property
+    def label(self) -> str:
+        return f"[{self.name}]" if self.name else "the top level"
+
+    def error(self, message: str) -> SpecError:
+        return SpecError(f"{self.source}: {message}.")
+
+    def bad(self, key: str, value: Any, expected: str) -> SpecError:
+        where = f"[{self.name}] " if self.name else ""
+        return self.error(f"{where}{key}={value!r} must be {expected}")
+
+    def only(self, known: Any) -> None:
+        unknown = set(self.data) - set(known)
+        if unknown:
+            raise self.error(
+                f"unknown key(s) in {self.label}: {', '.join(sorted(unknown))}; "
+                f"expected some of {', '.join(sorted(known))}"
+            )
+
+    def get(self, key: str, default: Any) -> Any:
+        if key in self.data:
+            return self.data[key]
+        if default is _MISSING:
+            where = f"[{self.name}] " if self.name else ""
+            raise self.error(f"missing required key {where}{key!r}")
+        return default
+
+    def real(self, key: str, default: Any = _MISSING) -> float:
+        value = self.get(key, default)
+        if not (_is_real(value) and math.isfinite(value)):
+            raise self.bad(key, value, "a finite number")
+        return float(value)
+
+    def integer(self, key: str, default: Any = _MISSING) -> int:
+        value = self.get(key, default)
+        if not _is_int(value):
+            raise self.bad(key, value, "an integer")
+        return int(value)
+
+    def boolean(self, key: str, default: Any = _MISSING) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, value, "true or false (without quotes)")
+        return value
+
+    def text(self, key: str, default: Any = _MISSING, *, empty: bool = False) -> str:
+        value = self.get(key, default)
+        if not isinstance(value, str) or (not empty and not value.strip()):
+            raise self.bad(key, value, "a non-empty text in quotes" if not empty else "a text in quotes")
+        return value
+
+    def table(self, key: str, default: Any = _MISSING) -> _Reader:
+        name = f"{self.name}.{key}" if self.name else key
+        return _Reader(self.get(key, default), self.source, name)
+
+    def pair(self, key: str) -> tuple[float, float]:
+        value = self.data[key]
+        if not (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(_is_real(v) and math.isfinite(v) for v in value)
+            and value[0] < value[1]
+        ):
+            raise self.bad(key, value, "a [low, high] pair of finite numbers with low < high")
+        return float(value[0]), float(value[1])
+
+
+def _parse_target(reader: _Reader) -> Target:
+    reader.only({"diameter_nm", "tolerance", "pdi_max_pct"})
+    try:
+        return Target(
+            reader.real("diameter_nm"),
+            reader.real("tolerance", Target.tolerance),
+            reader.real("pdi_max_pct", Target.pdi_max_pct),
+        )
+    except SpecError as error:
+        raise reader.error(str(error).rstrip(".")) from None
+
+
+def _parse_bounds(reader: _Reader, model: str) -> dict[str, tuple[float, float]]:
+    if not reader.data:
+        return default_bounds(model)
+    reader.only(PARAMETERS)
+    missing = [name for name in PARAMETERS if name not in reader.data]
+    if missing:
+        raise reader.error(f"[bounds] must give all of {', '.join(PARAMETERS)}; {', '.join(missing)} is missing")
+    return {name: reader.pair(name) for name in PARAMETERS}
+
+
+def _parse_rig(reader: _Reader) -> RigSettings:
+    reader.only({"adapter", "options"})
+    return RigSettings(reader.text("adapter", "simulated"), dict(reader.table("options", {}).data))
+
+
+def _parse_loop(reader: _Reader) -> LoopSettings:
+    defaults = LoopSettings()
+    reader.only({f.name for f in fields(LoopSettings)})
+    try:
+        return LoopSettings(
+            budget=reader.integer("budget", defaults.budget),
+            batch=reader.integer("batch", defaults.batch),
+            stop_on_hit=reader.boolean("stop_on_hit", defaults.stop_on_hit),
+            poll_interval_s=reader.real("poll_interval_s", defaults.poll_interval_s),
+            rig_timeout_s=reader.real("rig_timeout_s", defaults.rig_timeout_s),
+            max_rig_errors=reader.integer("max_rig_errors", defaults.max_rig_errors),
+        )
+    except SpecError as error:
+        raise reader.error(str(error).rstrip(".")) from None
+
+
+def _parse_plausible(reader: _Reader) -> dict[str, tuple[float, float]]:
+    reader.only(PLAUSIBLE)
+    return {name: reader.pair(name) for name in reader.data}
 
 
 def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: Path | None = None) -> CampaignSpec:
-    """Build and validate a spec from parsed TOML; errors name the file, key and value."""
-    known = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop"}
-    unknown = set(data) - known
-    if unknown:
-        raise SpecError(
-            f"{source}: unknown key(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(known))}."
-        )
-    try:
-        model = str(data["model"])
-        target_data = dict(data["target"])
-    except KeyError as missing:
-        raise SpecError(f"{source}: missing required key {missing.args[0]!r}.") from None
+    """Build and validate a spec from parsed TOML; errors name the file, table, key and value."""
+    top = _Reader(data, source, "")
+    top.only(TOP_LEVEL)
+    model = top.text("model")
     resolved = resolve_model(model, directory)
     preset_path(resolved)  # fail early on an unknown preset
+    ledger_url = top.get("ledger_url", None)
+    spec = CampaignSpec(
+        name=top.text("name", "campaign", empty=True),
+        model=model,
+        target=_parse_target(top.table("target")),
+        bounds=_parse_bounds(top.table("bounds", {}), resolved),
+        seed=top.integer("seed", 0),
+        rig=_parse_rig(top.table("rig", {})),
+        loop=_parse_loop(top.table("loop", {})),
+        ledger_url=None if ledger_url is None else top.text("ledger_url"),
+        plausible=_parse_plausible(top.table("plausible", {})),
+    )
     try:
-        target = Target(**{k: float(v) for k, v in target_data.items()})
-    except TypeError as error:
-        raise SpecError(f"{source}: bad [target] table {target_data!r}: {error}.") from None
+        check_plausible(spec, plausible_ranges(resolved, spec.plausible))
     except SpecError as error:
         raise SpecError(f"{source}: {error}") from None
-    except ValueError as error:
-        raise SpecError(f"{source}: [target] values must be numbers: {target_data!r}.") from error
-    bounds_data = data.get("bounds") or default_bounds(resolved)
+    return spec
+
+
+def plausible_ranges(model: str, overrides: dict[str, tuple[float, float]] | None = None) -> Plausible:
+    """What a rig of this kind can measure and set: supraopt's defaults, the preset's ``[plausible]``, then ``overrides``."""
+    path = preset_path(model)
+    ranges = dict(PLAUSIBLE)
+    preset = _Reader(read_toml(path).get("plausible", {}), str(path), "plausible")
+    ranges.update(_parse_plausible(preset))
+    ranges.update(overrides or {})
+    return Plausible(ranges)
+
+
+def check_plausible(spec: CampaignSpec, plausible: Plausible) -> None:
+    """Refuse a target or bounds that no rig of this kind can reach (a fraction given as a percent, ...)."""
+    target = spec.target
     try:
-        bounds = {str(k): (float(v[0]), float(v[1])) for k, v in bounds_data.items()}
-    except (TypeError, ValueError, IndexError, KeyError):
-        raise SpecError(f"{source}: [bounds] entries must be [low, high] pairs of numbers: {bounds_data!r}.") from None
-    rig_data = dict(data.get("rig", {}))
-    loop_data = dict(data.get("loop", {}))
-    try:
-        rig = RigSettings(adapter=str(rig_data.pop("adapter", "simulated")), options=dict(rig_data.pop("options", {})))
-        if rig_data:
-            raise SpecError(f"{source}: unknown key(s) in [rig]: {', '.join(rig_data)}.")
-        loop = LoopSettings(**loop_data)
-    except TypeError as error:
-        raise SpecError(f"{source}: bad [loop] table {loop_data!r}: {error}.") from None
-    seed = data.get("seed", 0)
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise SpecError(f"{source}: seed={seed!r} must be an integer.")
-    ledger_url = data.get("ledger_url")
-    return CampaignSpec(
-        name=str(data.get("name", "campaign")),
-        model=model,
-        target=target,
-        bounds=bounds,
-        seed=seed,
-        rig=rig,
-        loop=loop,
-        ledger_url=None if ledger_url is None else str(ledger_url),
-    )
+        plausible.check("diameter_nm", target.diameter_nm, "[target]")
+        plausible.check("pdi_pct", target.pdi_max_pct, "[target] pdi_max_pct")
+    except InputError as error:
+        raise SpecError(str(error).replace("pdi_max_pct: pdi_pct", "pdi_max_pct")) from None
+    for name, (low, high) in spec.bounds.items():
+        p_low, p_high = plausible.ranges[name]
+        if low < p_low or high > p_high:
+            raise SpecError(
+                f"[bounds] {name}=[{low:g}, {high:g}] {UNITS[name]} is not plausible for this rig "
+                f"(expected within [{p_low:g}, {p_high:g}]); narrow it, or, for a truly unusual system, "
+                f"widen [plausible] {name}."
+            )
 
 
 def load_spec(directory: Path) -> CampaignSpec:
     """Read ``DIR/campaign.toml``; a missing folder or file gets a one-line error."""
     path = Path(directory) / SPEC_FILE
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as error:
+        raise SpecError(f"{directory} cannot be opened as a campaign folder ({error.strerror or error}).") from None
+    if not found:
         raise SpecError(f"{directory} is not a campaign folder (no {SPEC_FILE}); create one with 'supraopt init'.")
     return parse_spec(read_toml(path), str(path), Path(directory))
 

@@ -37,6 +37,11 @@ def user_errors() -> Iterator[None]:
     except SupraoptError as error:
         err_console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
+    except OSError as error:  # a file system refusal not foreseen by a check: still one line, no traceback
+        where = f": {error.filename}" if error.filename else ""
+        message = f"{error.strerror or error}{where}"
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from None
 
 
 def open_campaign(directory: Path) -> Any:

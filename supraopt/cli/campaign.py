@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,6 +14,7 @@ from supraopt.cli._common import (
     CampaignDir,
     app,
     console,
+    err_console,
     fmt,
     open_campaign,
     settings_text,
@@ -25,7 +26,7 @@ from supraopt.records import Failure, Measurement
 
 @app.command()
 def init(
-    directory: CampaignDir,
+    directory: Annotated[str, typer.Argument(help="Folder for the new campaign (created if needed).")],
     model: Annotated[str, typer.Option(help="Physics preset: a name in models/ or a path to a preset .toml.")] = (
         "cspbbr3-flow-focusing"
     ),
@@ -39,11 +40,13 @@ def init(
 ) -> None:
     """Create a campaign folder with its campaign.toml and an empty ledger."""
     from supraopt.campaign import Campaign
+    from supraopt.paths import check_new_folder
     from supraopt.spec import RigSettings
 
     with user_errors():
+        folder = check_new_folder(directory, "campaign folder")
         campaign = Campaign.create(
-            directory, model, target_nm, tolerance=tolerance, pdi_max_pct=pdi_max, seed=seed, rig=RigSettings(rig)
+            folder, model, target_nm, tolerance=tolerance, pdi_max_pct=pdi_max, seed=seed, rig=RigSettings(rig)
         )
         campaign.close()
     t = campaign.spec.target
@@ -101,21 +104,59 @@ def record(
         bool, typer.Option("--correct", help="Replace an already recorded result (kept in history).")
     ] = False,
     note: Annotated[str, typer.Option(help="Free-text note stored with the result.")] = "",
+    pdi_unit: Annotated[
+        str,
+        typer.Option(
+            "--pdi-unit",
+            help="Unit of --pdi: '%' (default; values below the plausible floor, 0.5 %, are refused as "
+            "fractions) or 'fraction' (0.05 is stored as 5 %). Not for --csv, whose pdi_pct is percent.",
+        ),
+    ] = "%",
     csv: Annotated[Path | None, typer.Option("--csv", help="Record many results from a CSV file (see README).")] = None,
+    skip_duplicates: Annotated[
+        bool, typer.Option("--skip-duplicates", help="With --csv: leave out rows imported before, record the rest.")
+    ] = False,
+    allow_duplicates: Annotated[
+        bool, typer.Option("--allow-duplicates", help="With --csv: record rows again that were imported before.")
+    ] = False,
 ) -> None:
-    """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV."""
-    with user_errors():
-        if csv is not None:
-            if experiment_id is not None or diameter_nm is not None or failed is not None:
-                raise InputError("give either --csv FILE or one experiment id with its result, not both.")
-            from supraopt.bulk import record_csv
+    """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV.
 
-            with open_campaign(directory) as campaign:
-                ids = record_csv(campaign, csv)
-            console.print(f"Recorded {len(ids)} result(s) from {csv}.")
+    A CSV import is all or nothing: every row is checked first, then all are written in one
+    transaction, so an error or Ctrl-C leaves the ledger unchanged. Rows imported before are refused
+    unless --skip-duplicates or --allow-duplicates says what to do with them.
+    """
+    with user_errors():
+        if pdi_unit not in ("%", "fraction"):
+            raise InputError(f"--pdi-unit {pdi_unit!r} must be '%' or 'fraction'.")
+        if csv is not None:
+            single = {
+                "an experiment id": experiment_id,
+                "--diameter-nm": diameter_nm,
+                "--pdi": pdi,
+                "--n-particles": n_particles,
+                "--droplet-um": droplet_um,
+                "--failed": failed,
+                "--note": note or None,
+                "--correct": correct or None,
+                "--pdi-unit": None if pdi_unit == "%" else pdi_unit,
+            }
+            given = [name for name, value in single.items() if value is not None]
+            if given:
+                raise InputError(f"--csv FILE records the results in the file; {', '.join(given)} cannot go with it.")
+            if skip_duplicates and allow_duplicates:
+                raise InputError("--skip-duplicates and --allow-duplicates exclude each other; pick one.")
+            duplicates = "skip" if skip_duplicates else "allow" if allow_duplicates else "refuse"
+            report = import_csv(directory, csv, duplicates)
+            skipped = f"; left out {len(report.skipped)} row(s) imported before" if report.skipped else ""
+            console.print(f"Recorded {len(report.ids)} result(s) from {csv}{skipped}.", highlight=False)
             return
+        if skip_duplicates or allow_duplicates:
+            raise InputError("--skip-duplicates and --allow-duplicates go with --csv FILE only.")
         if experiment_id is None:
             raise InputError("give the experiment id (e.g. E001) or --csv FILE.")
+        if pdi is not None and pdi_unit == "fraction":
+            pdi = pdi * 100.0
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
             campaign.record(experiment_id, result, note=note, correct=correct)
@@ -124,12 +165,45 @@ def record(
     console.print(f"Recorded {experiment_id}{verdict}")
 
 
+def import_csv(directory: Path, csv: Path, duplicates: str) -> Any:
+    """``record --csv``: one transaction; Ctrl-C or SIGTERM rolls it back and says that nothing was recorded."""
+    import signal
+
+    from supraopt.bulk import record_csv
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        with open_campaign(directory) as campaign:
+            return record_csv(campaign, csv, duplicates)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"interrupted: nothing was recorded from {csv} (an import is all or nothing); run the command again.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(code=130) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def result_from_options(
     diameter_nm: float | None, pdi: float | None, n_particles: int | None, droplet_um: float | None, failed: str | None
 ) -> Measurement | Failure:
     if failed is not None:
-        if diameter_nm is not None or pdi is not None:
-            raise InputError(f"--failed {failed!r} cannot be combined with --diameter-nm/--pdi.")
+        if failed.strip().startswith("--"):
+            raise InputError(
+                f"--failed {failed!r} looks like an option, not a reason; give the reason in quotes, "
+                'e.g. --failed "droplets unstable".'
+            )
+        given = {"--diameter-nm": diameter_nm, "--pdi": pdi, "--n-particles": n_particles, "--droplet-um": droplet_um}
+        extra = [name for name, value in given.items() if value is not None]
+        if extra:
+            raise InputError(
+                f"--failed {failed!r} cannot be combined with {', '.join(extra)}: a failed run has no result."
+            )
         return Failure(failed)
     if diameter_nm is None or pdi is None:
         raise InputError("give both --diameter-nm and --pdi, or --failed REASON.")
@@ -176,9 +250,33 @@ def status(
 @app.command()
 def export(
     directory: CampaignDir,
-    csv: Annotated[Path, typer.Option("--csv", help="Output CSV file.")],
+    csv: Annotated[str, typer.Option("--csv", help="Output CSV file: a new name, or an existing CSV with --force.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing CSV file at --csv.")] = False,
 ) -> None:
-    """Export the ledger (settings, predictions, results) to a CSV file."""
+    """Export the ledger (settings, predictions, results) to a CSV file (written atomically).
+
+    Never writes over the campaign's own files (campaign.toml, the ledger, run.log, ...), a folder,
+    a link or a device; an existing CSV is replaced only with --force.
+    """
+    from supraopt.paths import check_new_file
+
     with user_errors(), open_campaign(directory) as campaign:
-        campaign.ledger.export_csv(csv)
-    console.print(f"Wrote {csv}.")
+        path = check_new_file(csv, "--csv", protected=owned_files(campaign), force=force)
+        campaign.ledger.export_csv(path)
+    console.print(f"Wrote {csv}.", highlight=False)
+
+
+def owned_files(campaign: Any) -> list[Path]:
+    """Files a campaign owns: everything in its folder but CSV files, its ledger (and side files), its preset."""
+    from supraopt.paths import ledger_files
+    from supraopt.spec import resolve_model
+
+    owned = [p for p in campaign.directory.rglob("*") if p.suffix.lower() != ".csv"]
+    owned += [*ledger_files(campaign.directory / "ledger.sqlite"), campaign.directory / "run.log"]
+    url = campaign.spec.ledger_url
+    if url and url.startswith("sqlite:///"):
+        owned += ledger_files(Path(url.removeprefix("sqlite:///")))
+    model = Path(resolve_model(campaign.spec.model, campaign.directory))
+    if model.suffix == ".toml":
+        owned.append(model)
+    return owned

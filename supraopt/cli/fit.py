@@ -68,6 +68,7 @@ def fit_command(
         from supraopt import plots
         from supraopt.fit import check_new_campaign_dir, fit_runs, seed_campaign, write_tables
         from supraopt.pastdata import parse_pairs, read_runs
+        from supraopt.paths import check_input_file, check_new_folder, check_output_folder
         from supraopt.physics import Preset
 
         if (into is None) != (target_nm is None):
@@ -75,7 +76,10 @@ def fit_command(
         if folds < 0 or folds == 1:
             raise InputError(f"--folds {folds} must be 0 (no cross-validation) or at least 2.")
         if into is not None:
+            check_new_folder(into, "--into")
             check_new_campaign_dir(into)
+        check_output_folder(out if out is not None else Path(f"{data.stem}-fit"), "--out")
+        check_input_file(data, "data file")
         preset = Preset.load(model)
         runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"))
         read = Table(title=f"Columns read from {data}", title_justify="left")
@@ -123,8 +127,11 @@ def plot_command(
     out: Annotated[Path | None, typer.Option(help="Folder for the PNG files (default: DIR/plots).")] = None,
 ) -> None:
     """Draw a campaign's convergence (distance to target, PDI) and the maps of its current model."""
+    from supraopt.paths import check_output_folder
+
     with user_errors(), open_campaign(directory) as campaign:
         from supraopt import plots
 
-        paths = plots.write(plots.campaign_figures(campaign), out or directory / "plots")
+        folder = check_output_folder(out if out is not None else directory / "plots", "--out")
+        paths = plots.write(plots.campaign_figures(campaign), folder)
     console.print(f"Wrote {', '.join(str(p) for p in paths)}", highlight=False)

@@ -150,9 +150,12 @@ def run(
     Re-running the same command resumes: experiments in flight are asked about, never started twice.
     Exit code 0 on a hit or the budget, 130 on Ctrl-C, 2 when the rig keeps failing, 1 on a user error.
     """
+    from supraopt.errors import InputError
     from supraopt.loop import run as run_loop
 
     with interrupt_exit(), user_errors(), RunProgress(console) as progress:
+        if rig is not None and not rig.strip():
+            raise InputError("--rig is empty; give simulated, manual, http or package.module:Class, or leave it out.")
         summary = run_loop(
             directory,
             rig,
@@ -184,13 +187,18 @@ def demo(
     """Run a whole campaign on the simulated twin, from an empty ledger to the target, and summarise it."""
     import tempfile
 
+    from supraopt.errors import InputError
     from supraopt.loop import create_demo
     from supraopt.loop import run as run_loop
+    from supraopt.paths import check_new_folder
     from supraopt.spec import SPEC_FILE
 
     with interrupt_exit(), user_errors():
+        if budget is not None and budget < 1:
+            raise InputError(f"--budget {budget} must be at least 1 experiment.")
         if directory is None:
             directory = Path(tempfile.mkdtemp(prefix="supraopt-demo-"))
+        check_new_folder(directory, "demo folder")
         if (directory / SPEC_FILE).is_file():
             console.print(f"Resuming the campaign in {directory}.", highlight=False, soft_wrap=True)
         else:
