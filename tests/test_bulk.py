@@ -39,7 +39,7 @@ def test_rows_with_ids_record_results(campaign, pending, tmp_path):
         "E001,441.5,4.8,120,3.6,,first try\n"
         "E002,,,,,droplets unstable,\n",
     )
-    assert record_csv(campaign, path) == ["E001", "E002"]
+    assert record_csv(campaign, path).ids == ["E001", "E002"]
     e1, e2 = campaign.ledger.get("E001"), campaign.ledger.get("E002")
     assert e1.status is Status.DONE
     assert e1.measurement == Measurement(441.5, 4.8, n_particles=120, droplet_um=3.6)
@@ -49,7 +49,7 @@ def test_rows_with_ids_record_results(campaign, pending, tmp_path):
 
 def test_columns_may_come_in_any_order_and_ids_with_spaces(campaign, pending, tmp_path):
     path = write(tmp_path, "pdi_pct,diameter_nm,id\n5.0,455,  E002 \n")
-    assert record_csv(campaign, path) == ["E002"]
+    assert record_csv(campaign, path).ids == ["E002"]
     assert campaign.ledger.get("E002").measurement == Measurement(455.0, 5.0)
     assert campaign.ledger.get("E001").status is Status.PENDING
 
@@ -62,7 +62,7 @@ def test_rows_without_id_add_runs(campaign, pending, tmp_path):
         ",9.0,3.0,30.0,,,droplets unstable\n"
         "E001,,,,447.0,4.1,\n",
     )
-    ids = record_csv(campaign, path)
+    ids = record_csv(campaign, path).ids
     assert len(ids) == 3 and ids[2] == "E001"
     assert len(set(ids)) == 3 and not set(ids[:2]) & set(pending)
     added = campaign.ledger.get(ids[0])
@@ -75,7 +75,7 @@ def test_rows_without_id_add_runs(campaign, pending, tmp_path):
 
 def test_a_file_without_an_id_column_adds_runs(campaign, tmp_path):
     path = write(tmp_path, "concentration_mg_ml,flow_ratio,temperature_c,diameter_nm,pdi_pct\n4.0,4.0,40,460,4\n")
-    [experiment_id] = record_csv(campaign, path)
+    [experiment_id] = record_csv(campaign, path).ids
     assert campaign.ledger.get(experiment_id).measurement == Measurement(460.0, 4.0)
 
 
@@ -129,7 +129,7 @@ def test_bad_file_is_refused_and_leaves_the_ledger_unchanged(campaign, pending, 
     path = write(tmp_path, text)
     before = campaign.ledger.to_frame(), campaign.ledger.events()
     with pytest.raises(InputError, match=match) as info:
-        record_csv(campaign, path)
+        record_csv(campaign, path).ids
     assert "\n" not in str(info.value)
     after = campaign.ledger.to_frame(), campaign.ledger.events()
     assert before[0].equals(after[0]) and before[1] == after[1]
@@ -140,13 +140,13 @@ def test_an_already_recorded_id_is_refused(campaign, pending, tmp_path):
     path = write(tmp_path, "id,diameter_nm,pdi_pct\nE001,450,4\nE002,451,4\n")
     before = campaign.ledger.events()
     with pytest.raises(InputError, match=r"row 3: experiment E002 already has a result \(done\).*--correct"):
-        record_csv(campaign, path)
+        record_csv(campaign, path).ids
     assert campaign.ledger.events() == before
     assert campaign.ledger.get("E001").status is Status.PENDING
 
 
 def test_a_missing_file(campaign, tmp_path):
-    with pytest.raises(InputError, match=r"nothere\.csv does not exist"):
+    with pytest.raises(InputError, match=r"nothere\.csv' does not exist"):
         record_csv(campaign, tmp_path / "nothere.csv")
     assert campaign.ledger.experiments() == []
 
@@ -154,5 +154,89 @@ def test_a_missing_file(campaign, tmp_path):
 def test_an_excel_export_with_bom_and_crlf_is_read(campaign, pending, tmp_path):
     path = tmp_path / "excel.csv"
     path.write_bytes("id,diameter_nm,pdi_pct\r\nE001,450,4\r\n".encode("utf-8-sig"))
-    assert record_csv(campaign, path) == ["E001"]
+    assert record_csv(campaign, path).ids == ["E001"]
     assert campaign.ledger.get("E001").measurement == Measurement(450.0, 4.0)
+
+
+# --- one transaction, and no silent duplicates (issue 9) ---------------------------------------------
+
+RUNS = (
+    "concentration_mg_ml,flow_ratio,temperature_c,diameter_nm,pdi_pct\n"
+    "4.0,4.0,40.0,441.5,4.8\n"
+    "3.0,4.0,40.0,402.0,5.5\n"
+    "5.0,4.0,40.0,480.0,6.1\n"
+)
+
+
+def counts(campaign: Campaign) -> tuple[int, int]:
+    return len(campaign.ledger.experiments()), len(campaign.ledger.events())
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
+def test_an_import_interrupted_half_way_records_nothing(campaign, tmp_path, monkeypatch, interrupt):
+    path = write(tmp_path, RUNS)
+    before = counts(campaign)
+    real = campaign.ledger._change
+    calls = []
+
+    def change(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first row is written, the second is on its way
+            raise interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(campaign.ledger, "_change", change)
+    with pytest.raises(interrupt):
+        record_csv(campaign, path)
+    assert len(calls) == 2
+    assert counts(campaign) == before
+
+
+def test_the_same_rows_twice_are_refused_then_skipped_or_allowed(campaign, tmp_path):
+    path = write(tmp_path, RUNS)
+    assert len(record_csv(campaign, path).ids) == 3
+    after_first = counts(campaign)
+    again = write(tmp_path, RUNS.replace("441.5", "441.50"), "again.csv")  # same values, other spelling
+    with pytest.raises(InputError, match=r"3 of 3 row\(s\) of .*again.csv were imported before \(row 2 as E001"):
+        record_csv(campaign, again)
+    assert counts(campaign) == after_first
+    more = write(tmp_path, RUNS + "6.0,4.0,40.0,510.0,5.0\n", "more.csv")
+    with pytest.raises(InputError, match=r"--skip-duplicates to record only the 1 new row"):
+        record_csv(campaign, more)
+    report = record_csv(campaign, more, duplicates="skip")
+    assert report.skipped == [2, 3, 4] and len(report.ids) == 1
+    assert len(record_csv(campaign, path, duplicates="allow").ids) == 3
+    assert len(campaign.ledger.experiments()) == 3 + 1 + 3
+
+
+def test_a_ledger_from_before_the_import_table_keeps_working(campaign_dir, tmp_path):
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(f"sqlite:///{campaign_dir / 'ledger.sqlite'}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE imports")
+    engine.dispose()
+    with Campaign.open(campaign_dir) as opened:
+        assert record_csv(opened, write(tmp_path, RUNS)).ids == ["E001", "E002", "E003"]
+        with pytest.raises(InputError, match=r"imported before"):
+            record_csv(opened, write(tmp_path, RUNS, "b.csv"))
+
+
+@pytest.mark.parametrize(
+    ("pdi", "match"),
+    [
+        ("0.05", r"row 2: pdi_pct=0.05 % is not plausible.*fraction.*give 5"),
+        ("0", r"row 2: pdi_pct=0 % is not plausible"),
+        ("-1e-13", r"row 2: pdi_pct=-1e-13 % is not plausible"),
+    ],
+)
+def test_implausible_pdi_in_a_csv_is_refused(campaign, tmp_path, pdi, match):
+    path = write(tmp_path, RUNS.replace("4.8", pdi))
+    with pytest.raises(InputError, match=match):
+        record_csv(campaign, path)
+    assert counts(campaign) == (0, 0)
+
+
+def test_a_folder_is_not_a_csv(campaign, tmp_path):
+    with pytest.raises(InputError, match=r"is a folder; give a file"):
+        record_csv(campaign, tmp_path)

@@ -42,9 +42,9 @@ finite = {"allow_nan": False, "allow_infinity": False}
 BMP = st.characters(max_codepoint=0xFFFF, exclude_categories=("Cs",))
 targets = st.builds(
     Target,
-    diameter_nm=st.floats(min_value=1e-3, max_value=9e6, **finite),
+    diameter_nm=st.floats(min_value=20.0, max_value=5e4, **finite),
     tolerance=st.floats(min_value=1e-6, max_value=0.499, **finite),
-    pdi_max_pct=st.floats(min_value=1e-3, max_value=100.0, **finite),
+    pdi_max_pct=st.floats(min_value=0.5, max_value=100.0, **finite),
 )
 
 
@@ -52,9 +52,9 @@ targets = st.builds(
 def bounds(draw: st.DrawFn) -> dict[str, tuple[float, float]]:
     out = {}
     for name in PARAMETERS:
-        low_min = -50.0 if name == "temperature_c" else 1e-6
-        low = draw(st.floats(min_value=low_min, max_value=1e4, **finite))
-        high = draw(st.floats(min_value=low, max_value=2e4, **finite))
+        low_min, high_max = {"temperature_c": (-40.0, 200.0), "flow_ratio": (1e-2, 1e3)}.get(name, (1e-3, 500.0))
+        low = draw(st.floats(min_value=low_min, max_value=high_max / 2, **finite))
+        high = draw(st.floats(min_value=low, max_value=high_max, exclude_min=True, **finite))
         out[name] = (low, high)
     return out
 
@@ -153,7 +153,7 @@ def test_target_is_hit(diameter, pdi, hit):
 
 
 def test_unknown_top_level_key():
-    with pytest.raises(SpecError, match=r"unknown key\(s\) colour"):
+    with pytest.raises(SpecError, match=r"unknown key\(s\) in the top level: colour"):
         parse_spec(minimal(colour="blue"))
 
 
@@ -177,8 +177,8 @@ def test_bad_tolerance_in_the_file_says_what_is_wrong(tolerance):
         ({"diameter_nm": -5.0}, r"diameter_nm=-5\.0 must be a positive size"),
         ({"diameter_nm": 450.0, "pdi_max_pct": 0.0}, r"pdi_max_pct=0\.0 must be a percentage"),
         ({"diameter_nm": "big"}, r"\[target\].*big"),
-        ({"diameter_nm": 450.0, "colour": 1.0}, r"bad \[target\] table.*colour"),
-        ({"tolerance": 0.03}, r"bad \[target\] table.*diameter_nm"),
+        ({"diameter_nm": 450.0, "colour": 1.0}, r"unknown key\(s\) in \[target\]: colour"),
+        ({"tolerance": 0.03}, r"missing required key \[target\] 'diameter_nm'"),
     ],
     ids=["negative-size", "zero-pdi", "text", "unknown-key", "missing-size"],
 )
@@ -189,7 +189,7 @@ def test_bad_target(target, match):
 
 def test_bounds_low_above_high():
     bad = {**default_bounds(MODEL), "flow_ratio": (10.0, 2.0)}
-    with pytest.raises(SpecError, match=r"bounds flow_ratio=\[10\.0, 2\.0\] must be finite with low <= high"):
+    with pytest.raises(SpecError, match=r"\[bounds\] flow_ratio=\[10\.0, 2\.0\] must be a \[low, high\] pair of finite numbers with low < high"):
         parse_spec(minimal(bounds={k: list(v) for k, v in bad.items()}))
 
 
@@ -208,11 +208,11 @@ def test_temperature_bounds_may_be_below_zero():
 @pytest.mark.parametrize(
     ("bounds", "match"),
     [
-        ({"concentration_mg_ml": [1.0, 2.0]}, r"bounds must give exactly"),
+        ({"concentration_mg_ml": [1.0, 2.0]}, r"\[bounds\] must give all of"),
         ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "pressure_bar": [1.0, 2.0]}, r"pressure_bar"),
-        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": 3.0}, r"\[low, high\] pairs"),
-        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": ["a", "b"]}, r"\[low, high\] pairs"),
-        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": [1.0, float("inf")]}, r"finite"),
+        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": 3.0}, r"\[low, high\] pair"),
+        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": ["a", "b"]}, r"\[low, high\] pair"),
+        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": [1.0, float("inf")]}, r"finite numbers"),
     ],
     ids=["missing-parameter", "extra-parameter", "not-a-pair", "text", "infinite"],
 )
@@ -244,7 +244,7 @@ def test_bad_seed(seed):
         ({"batch": 65}, r"batch=65 must be an integer between 1 and 64"),
         ({"poll_interval_s": -1.0}, r"poll_interval_s=-1\.0 must be a non-negative"),
         ({"max_rig_errors": 0}, r"max_rig_errors=0"),
-        ({"speed": 2}, r"bad \[loop\] table.*speed"),
+        ({"speed": 2}, r"unknown key\(s\) in \[loop\]: speed"),
     ],
 )
 def test_bad_loop(loop, match):
@@ -277,3 +277,81 @@ def test_read_toml_of_a_missing_file(tmp_path):
 def test_spec_errors_are_value_errors():
     with pytest.raises(ValueError, match=r"unknown key"):
         parse_spec(minimal(colour="blue"))
+
+
+# --- strict types: every case found by hand in issue 9 -------------------------------------------
+
+
+BOUNDS = {k: list(v) for k, v in default_bounds(MODEL).items()}
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"target": 5}, r"\[target\] must be a table"),
+        ({"bounds": [1, 2]}, r"\[bounds\] must be a table"),
+        ({"rig": 5}, r"\[rig\] must be a table"),
+        ({"loop": "x"}, r"\[loop\] must be a table"),
+        ({"rig": {"options": "abc"}}, r"\[rig.options\] must be a table"),
+        ({"plausible": 1.5}, r"\[plausible\] must be a table"),
+        ({"loop": {"stop_on_hit": "no"}}, r"\[loop\] stop_on_hit='no' must be true or false"),
+        ({"loop": {"budget": True}}, r"\[loop\] budget=True must be an integer"),
+        ({"loop": {"budget": 2.5}}, r"\[loop\] budget=2.5 must be an integer"),
+        ({"loop": {"poll_interval_s": "1"}}, r"\[loop\] poll_interval_s='1' must be a finite number"),
+        ({"target": {"diameter_nm": True}}, r"\[target\] diameter_nm=True must be a finite number"),
+        ({"target": {"diameter_nm": "450"}}, r"\[target\] diameter_nm='450' must be a finite number"),
+        ({"target": {"diameter_nm": 1e-300}}, r"diameter_nm=1e-300 nm is not plausible"),
+        ({"target": {"diameter_nm": 9_999_999.0}}, r"diameter_nm=1e\+07 nm is not plausible"),
+        ({"target": {"diameter_nm": 450.0, "pdi_max_pct": 0.06}}, r"pdi_max_pct=0.06 % .*fraction.*give 6"),
+        ({"bounds": {**BOUNDS, "flow_ratio": [5.0, 5.0]}}, r"flow_ratio=\[5.0, 5.0\] must be .*low < high"),
+        ({"bounds": {**BOUNDS, "concentration_mg_ml": [1e-300, 1e300]}}, r"concentration_mg_ml=\[1e-300, 1e\+300\]"),
+        ({"bounds": {**BOUNDS, "temperature_c": [20.0, 5000.0]}}, r"temperature_c=\[20, 5000\] °C is not plausible"),
+        ({"bounds": {**BOUNDS, "flow_ratio": [1, [[2]]]}}, r"\[bounds\] flow_ratio=.*pair"),
+        ({"name": 5}, r"name=5 must be a .*text"),
+        ({"model": 5}, r"model=5 must be a non-empty text"),
+        ({"ledger_url": 5}, r"ledger_url=5 must be a non-empty text"),
+        ({"rig": {"adapter": ""}}, r"\[rig\] adapter='' must be a non-empty text"),
+        ({"plausible": {"pdi_pct": [5.0, 1.0]}}, r"\[plausible\] pdi_pct=\[5.0, 1.0\]"),
+        ({"plausible": {"colour": [1.0, 2.0]}}, r"unknown key\(s\) in \[plausible\]: colour"),
+    ],
+    ids=lambda v: str(v)[:40],
+)
+def test_strict_types_name_the_key(changes, match):
+    with pytest.raises(SpecError, match=match) as info:
+        parse_spec(minimal(**changes))
+    assert str(info.value).startswith("campaign.toml") or "bounds" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_plausible_table_overrides_the_preset_for_an_unusual_system():
+    spec = parse_spec(
+        minimal(
+            target={"diameter_nm": 450.0, "pdi_max_pct": 0.2},
+            plausible={"pdi_pct": [0.01, 50.0], "temperature_c": [-40.0, 400.0]},
+            bounds={**BOUNDS, "temperature_c": [20.0, 350.0]},
+        )
+    )
+    assert spec.target.pdi_max_pct == 0.2 and spec.bounds["temperature_c"] == (20.0, 350.0)
+    assert round_trip(spec) == spec  # the override survives to_toml
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (b"model = \"\xff\xfe\"\n", r"is not UTF-8"),
+        (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nests arrays or tables too deeply|not valid TOML"),
+        (b'model="cspbbr3-flow-focusing"\ntarget = 5\n', r"\[target\] must be a table"),
+    ],
+    ids=["not-utf8", "deep-nesting", "target-scalar"],
+)
+def test_unreadable_files_are_one_line(tmp_path, content, match):
+    (tmp_path / SPEC_FILE).write_bytes(content)
+    with pytest.raises(SpecError, match=match) as info:
+        load_spec(tmp_path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_campaign_toml_that_is_a_folder(tmp_path):
+    (tmp_path / SPEC_FILE).mkdir()
+    with pytest.raises(SpecError, match=r"not a campaign folder"):
+        load_spec(tmp_path)

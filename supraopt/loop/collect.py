@@ -3,7 +3,8 @@
 QUEUED/RUNNING -> ``mark_running``; DONE -> record the measurement; FAILED -> record the failure (the
 chemistry failed: information for the feasibility model); LOST -> submit once more (idempotent),
 abandon if still lost; CANCELLED -> abandon. A result is validated before it is recorded and
-recorded before anything else happens.
+recorded before anything else happens; a measurement outside the campaign's plausible ranges (a
+polydispersity fraction sent as percent: below 0.5 %) is abandoned as an invalid result, never fed to the model.
 """
 
 from __future__ import annotations
@@ -15,9 +16,6 @@ from supraopt.loop.events import Event
 from supraopt.loop.rigcall import crash_point
 from supraopt.loop.state import Flight, Runner
 from supraopt.records import Failure, Measurement, RunState, RunStatus
-
-IMPLAUSIBLE_PDI_PCT = 0.5
-"""Below this a reported polydispersity is most likely a fraction sent where percent was meant."""
 
 
 def poll(r: Runner, flight: Flight) -> None:
@@ -50,6 +48,8 @@ def poll(r: Runner, flight: Flight) -> None:
         result: Measurement | Failure
         try:
             result = valid_measurement(status.result) if done else valid_failure(status.result)
+            if isinstance(result, Measurement):  # e.g. a PDI fraction sent as percent: never fed to the model
+                r.campaign.plausible.check_measurement(result)
         except InputError as error:
             what = "result" if done else "failure report"
             r.abandon(flight.id, f"rig error: invalid {what} ({error}); not used by the model.")
@@ -89,15 +89,6 @@ def record(r: Runner, flight: Flight, result: Measurement | Failure, message: st
     if isinstance(result, Measurement):
         hit = r.target.is_hit(result.diameter_nm, result.pdi_pct)
         r.emit(Event("measured", flight.id, result=result, hit=hit, best=r.best, message=message))
-        if 0 < result.pdi_pct < IMPLAUSIBLE_PDI_PCT:
-            r.emit(
-                Event(
-                    "warning",
-                    flight.id,
-                    message=f"{flight.id}: pdi_pct={result.pdi_pct:g} % is implausibly low; the adapter must "
-                    "report polydispersity in percent (5.0 for a CV of 0.05).",
-                )
-            )
     else:
         r.emit(Event("failed", flight.id, result=result, best=r.best, message=message))
 
