@@ -24,6 +24,7 @@ SQLITE_MAGIC = b"SQLite format 3\x00"
 
 def _kind(mode: int) -> str:
     for test, word in (
+        (stat.S_ISREG, "a file"),
         (stat.S_ISDIR, "a folder"),
         (stat.S_ISLNK, "a symbolic link"),
         (stat.S_ISFIFO, "a named pipe (FIFO)"),
@@ -77,7 +78,8 @@ def check_new_file(path: str | Path, what: str, *, protected: Iterable[Path] = (
     """Check that ``path`` may receive a new file: a new name, or (with ``force``) an existing regular file.
 
     Refused: an empty path, a folder, a symbolic link, a FIFO, a device, a socket, a file among
-    ``protected`` (compared as files, so another spelling or a hard link is caught too), an SQLite
+    ``protected`` (existing or not; compared as resolved paths and as files, so another spelling or a
+    hard link is caught too), an SQLite
     database, and an existing file without ``force``.
     """
     path = check_name(path, what)
@@ -85,13 +87,13 @@ def check_new_file(path: str | Path, what: str, *, protected: Iterable[Path] = (
         raise InputError(f"{what} {str(path)!r} is a folder; give a file name, e.g. results.csv.")
     info = _lstat(path, what)
     _parent_folder(path, what)
+    for owned in protected:
+        if os.path.realpath(path) == os.path.realpath(owned) or _same(path, owned):
+            raise InputError(f"{what} {str(path)!r} is the campaign's own {owned.name}; it is never overwritten.")
     if info is None:
         return path
     if not stat.S_ISREG(info.st_mode):
         raise InputError(f"{what} {str(path)!r} is {_kind(info.st_mode)}; give a new file name.")
-    for owned in protected:
-        if _same(path, owned):
-            raise InputError(f"{what} {str(path)!r} is the campaign's own {owned.name}; it is never overwritten.")
     try:
         with open(path, "rb") as handle:
             if handle.read(len(SQLITE_MAGIC)) == SQLITE_MAGIC:

@@ -430,8 +430,8 @@ def test_cli_run_exits_2_with_one_line_when_the_rig_keeps_failing(
         assert campaign.ledger.get("E001").status is Status.DISPATCHED
 
 
-def test_a_polydispersity_sent_as_a_fraction_is_flagged(campaign: Campaign) -> None:
-    """An adapter that reports CV 0.05 instead of 5 % gets a warning naming the unit, once per run."""
+def test_a_polydispersity_sent_as_a_fraction_is_abandoned_not_learned(campaign: Campaign) -> None:
+    """An adapter that reports CV 0.05 instead of 5 %: each run is abandoned as invalid, the note names the unit."""
 
     class FractionRig(FaultyRig):
         def poll(self, experiment_id: str) -> RunStatus:
@@ -442,13 +442,14 @@ def test_a_polydispersity_sent_as_a_fraction_is_flagged(campaign: Campaign) -> N
             return status
 
     _, events = go(campaign, FractionRig(), budget=2)
-    warnings = [e for e in events if e.kind == "warning" and "in percent" in e.message]
-    measured = [e for e in events if e.kind == "measured"]
-    assert measured and len(warnings) == len(measured)
-    assert all(e.experiment_id == m.experiment_id for e, m in zip(warnings, measured, strict=True))
+    assert not [e for e in events if e.kind == "measured"]
+    experiments = campaign.ledger.experiments()
+    abandoned = [e for e in experiments if e.status is Status.ABANDONED]
+    assert abandoned and not [e for e in experiments if e.status is Status.DONE]
+    assert all("invalid result" in e.note and "fraction" in e.note and "pdi_pct" in e.note for e in abandoned)
 
 
 def test_a_plausible_polydispersity_is_not_flagged(campaign: Campaign) -> None:
     _, events = go(campaign, FaultyRig(), budget=2)
     assert [e for e in events if e.kind == "measured"]
-    assert not [e for e in events if e.kind == "warning" and "in percent" in e.message]
+    assert not [e for e in events if e.kind in ("warning", "abandoned")]
