@@ -65,7 +65,7 @@ def cli(*args: object) -> Outcome:
                 main()
             except SystemExit as stop:
                 code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
-    except BaseException:  # noqa: BLE001 - anything escaping main is exactly what we look for
+    except BaseException:
         crash, code = traceback.format_exc(), -1
     finally:
         sys.argv, _common.app = argv, app

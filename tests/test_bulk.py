@@ -129,7 +129,7 @@ def test_bad_file_is_refused_and_leaves_the_ledger_unchanged(campaign, pending, 
     path = write(tmp_path, text)
     before = campaign.ledger.to_frame(), campaign.ledger.events()
     with pytest.raises(InputError, match=match) as info:
-        record_csv(campaign, path).ids
+        record_csv(campaign, path)
     assert "\n" not in str(info.value)
     after = campaign.ledger.to_frame(), campaign.ledger.events()
     assert before[0].equals(after[0]) and before[1] == after[1]
@@ -140,7 +140,7 @@ def test_an_already_recorded_id_is_refused(campaign, pending, tmp_path):
     path = write(tmp_path, "id,diameter_nm,pdi_pct\nE001,450,4\nE002,451,4\n")
     before = campaign.ledger.events()
     with pytest.raises(InputError, match=r"row 3: experiment E002 already has a result \(done\).*--correct"):
-        record_csv(campaign, path).ids
+        record_csv(campaign, path)
     assert campaign.ledger.events() == before
     assert campaign.ledger.get("E001").status is Status.PENDING
 

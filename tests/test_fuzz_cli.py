@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import shutil
 import sqlite3
-import tempfile
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,15 +64,49 @@ TOML_VALUES = st.sampled_from(
      "[[1]]", '{ x = 1 }', "0.06", '""', "[1, 2, 3]", "1e309", "[true, false]"]
 )  # fmt: skip
 TOML_KEYS = st.sampled_from(
-    ["target", "bounds", "rig", "loop", "model", "name", "seed", "ledger_url", "plausible", "colour"]
-    + ["target.diameter_nm", "target.tolerance", "target.pdi_max_pct", "loop.budget", "loop.batch"]
-    + ["loop.stop_on_hit", "loop.poll_interval_s", "rig.adapter", "rig.options", "bounds.flow_ratio"]
-    + ["bounds.temperature_c", "bounds.concentration_mg_ml", "plausible.pdi_pct", "plausible.diameter_nm"]
+    [
+        "target",
+        "bounds",
+        "rig",
+        "loop",
+        "model",
+        "name",
+        "seed",
+        "ledger_url",
+        "plausible",
+        "colour",
+        "target.diameter_nm",
+        "target.tolerance",
+        "target.pdi_max_pct",
+        "loop.budget",
+        "loop.batch",
+        "loop.stop_on_hit",
+        "loop.poll_interval_s",
+        "rig.adapter",
+        "rig.options",
+        "bounds.flow_ratio",
+        "bounds.temperature_c",
+        "bounds.concentration_mg_ml",
+        "plausible.pdi_pct",
+        "plausible.diameter_nm",
+    ]
 )
 CSV_HEADERS = st.lists(
     st.sampled_from(
-        ["id", "diameter_nm", "pdi_pct", "n_particles", "droplet_um", "failed", "note"]
-        + ["concentration_mg_ml", "flow_ratio", "temperature_c", "colour", ""]
+        [
+            "id",
+            "diameter_nm",
+            "pdi_pct",
+            "n_particles",
+            "droplet_um",
+            "failed",
+            "note",
+            "concentration_mg_ml",
+            "flow_ratio",
+            "temperature_c",
+            "colour",
+            "",
+        ]
     ),
     min_size=1,
     max_size=8,
@@ -115,7 +148,9 @@ def damage_spec(directory: Path, kind: str, key: str, value: str, junk: bytes) -
                 lines[i] = f"{name} = {value}"
                 break
         else:
-            lines.insert(0 if not table else len(lines), f"{name} = {value}" if not table else f"[{table}]\n{name} = {value}")
+            lines.insert(
+                0 if not table else len(lines), f"{name} = {value}" if not table else f"[{table}]\n{name} = {value}"
+            )
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     elif kind == "bytes":
         path.write_bytes(junk)
@@ -137,7 +172,7 @@ LEDGER_DAMAGE = {
                        "temperature_c": 40}' WHERE id = 'E003'""",
     "bad-time": "UPDATE experiments SET updated_at = 'yesterday' WHERE id = 'E004'",
     "bad-status": "PRAGMA ignore_check_constraints = 1; UPDATE experiments SET status = 'weird' WHERE id = 'E002'",
-    "bad-result": "UPDATE events SET payload = '{\"measurement\": {\"diameter_nm\": \"x\"}}' WHERE kind = 'measured'",
+    "bad-result": 'UPDATE events SET payload = \'{"measurement": {"diameter_nm": "x"}}\' WHERE kind = \'measured\'',
     "bad-event-time": "UPDATE events SET at = '' WHERE experiment_id = 'E001'",
 }
 
@@ -162,9 +197,29 @@ def damage_ledger(directory: Path, kind: str, junk: bytes) -> None:
 
 def paths(c: str) -> st.SearchStrategy[str]:
     return st.sampled_from(
-        [f"{c}/campaign.toml", f"{c}/ledger.sqlite", f"{c}/ledger.sqlite-wal", f"{c}/run.log", f"{c}/ledger.sqlite.lock"]
-        + ["", "/", ".", c, "link.csv", "fifo", "/dev/null", "old.csv", "new.csv", f"{c}/out.csv", "nodir/x.csv"]
-        + [f"{c}/campaign.toml/x.csv", "x" * 300 + ".csv", "/proc/x", "data.csv", "afile"]
+        [
+            f"{c}/campaign.toml",
+            f"{c}/ledger.sqlite",
+            f"{c}/ledger.sqlite-wal",
+            f"{c}/run.log",
+            f"{c}/ledger.sqlite.lock",
+            "",
+            "/",
+            ".",
+            c,
+            "link.csv",
+            "fifo",
+            "/dev/null",
+            "old.csv",
+            "new.csv",
+            f"{c}/out.csv",
+            "nodir/x.csv",
+            f"{c}/campaign.toml/x.csv",
+            "x" * 300 + ".csv",
+            "/proc/x",
+            "data.csv",
+            "afile",
+        ]
     )
 
 
@@ -172,9 +227,9 @@ def paths(c: str) -> st.SearchStrategy[str]:
 def commands(draw: st.DrawFn, c: str) -> list[str]:
     verb = draw(st.sampled_from(["status", "export", "record", "record", "record-csv", "init", "cheap-heavy"]))
     if verb == "status":
-        return ["status", c] + draw(st.sampled_from([[], ["--json"], ["--colour"]]))
+        return ["status", c, *draw(st.sampled_from([[], ["--json"], ["--colour"]]))]
     if verb == "export":
-        return ["export", c, "--csv", draw(paths(c))] + draw(st.sampled_from([[], ["--force"]]))
+        return ["export", c, "--csv", draw(paths(c)), *draw(st.sampled_from([[], ["--force"]]))]
     if verb == "record-csv":
         args = ["record", c, "--csv", draw(st.sampled_from(["data.csv", "data.csv", "data.csv", c, "nothere.csv"]))]
         args += draw(st.sampled_from([[], ["--skip-duplicates"], ["--allow-duplicates"], ["--pdi", "5"], ["E001"]]))
@@ -195,7 +250,9 @@ def commands(draw: st.DrawFn, c: str) -> list[str]:
     if verb == "init":
         folder = draw(st.sampled_from(["", "new", "afile", "afile/sub", "/proc/x", "x" * 300, c, f"{c}/campaign.toml"]))
         args = ["init", folder]
-        for option in draw(st.lists(st.sampled_from(["--target-nm", "--pdi-max", "--tolerance", "--seed"]), max_size=3)):
+        for option in draw(
+            st.lists(st.sampled_from(["--target-nm", "--pdi-max", "--tolerance", "--seed"]), max_size=3)
+        ):
             args += [option, draw(NUMBERS)]
         if draw(st.booleans()):
             args += ["--model", draw(st.sampled_from(["nope", "", "cdse-source-sink", f"{c}/campaign.toml"]))]
@@ -234,18 +291,25 @@ LEDGER_KINDS = st.sampled_from(["none"] * 8 + [*LEDGER_DAMAGE, "empty", "junk", 
 )
 @given(data=st.data())
 def test_fuzz_cli(template: Path, data: st.DataObject) -> None:
-    work = Path(tempfile.mkdtemp(prefix="fuzz-"))
+    work = template.parent / "work"
     cwd = Path.cwd()
     try:
+        if not work.is_dir():  # what the paths point at, made once: a file, a CSV, a link, a FIFO
+            work.mkdir()
+            (work / "afile").write_text("not a folder\n")
+            (work / "link.csv").symlink_to("C/campaign.toml")
+            os.mkfifo(work / "fifo")
         os.chdir(work)
+        for leftover in ("C", "new", "D"):
+            shutil.rmtree(leftover, ignore_errors=True)
         shutil.copytree(template, "C")
-        Path("afile").write_text("not a folder\n")
         Path("old.csv").write_text("a,b\n1,2\n")
-        Path("link.csv").symlink_to("C/campaign.toml")
-        os.mkfifo("fifo")
+        Path("new.csv").unlink(missing_ok=True)
         Path("data.csv").write_bytes(data.draw(csv_files(), label="csv"))
         spec_kind = data.draw(SPEC_DAMAGE, label="campaign.toml damage")
-        damage_spec(Path("C"), spec_kind, data.draw(TOML_KEYS), data.draw(TOML_VALUES), data.draw(st.binary(max_size=64)))
+        damage_spec(
+            Path("C"), spec_kind, data.draw(TOML_KEYS), data.draw(TOML_VALUES), data.draw(st.binary(max_size=64))
+        )
         damage_ledger(Path("C"), data.draw(LEDGER_KINDS, label="ledger damage"), data.draw(st.binary(max_size=64)))
         args = data.draw(commands("C"), label="command")
         spec_before = files_snapshot(Path("C"))
@@ -270,4 +334,3 @@ def test_fuzz_cli(template: Path, data: st.DataObject) -> None:
         assert not export_changed, (args, "export altered the campaign's files")
     finally:
         os.chdir(cwd)
-        shutil.rmtree(work, ignore_errors=True)

@@ -189,7 +189,10 @@ def test_bad_target(target, match):
 
 def test_bounds_low_above_high():
     bad = {**default_bounds(MODEL), "flow_ratio": (10.0, 2.0)}
-    with pytest.raises(SpecError, match=r"\[bounds\] flow_ratio=\[10\.0, 2\.0\] must be a \[low, high\] pair of finite numbers with low < high"):
+    with pytest.raises(
+        SpecError,
+        match=r"\[bounds\] flow_ratio=\[10\.0, 2\.0\] must be a \[low, high\] pair of finite numbers with low < high",
+    ):
         parse_spec(minimal(bounds={k: list(v) for k, v in bad.items()}))
 
 
@@ -212,7 +215,10 @@ def test_temperature_bounds_may_be_below_zero():
         ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "pressure_bar": [1.0, 2.0]}, r"pressure_bar"),
         ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": 3.0}, r"\[low, high\] pair"),
         ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": ["a", "b"]}, r"\[low, high\] pair"),
-        ({**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": [1.0, float("inf")]}, r"finite numbers"),
+        (
+            {**{k: list(v) for k, v in default_bounds(MODEL).items()}, "flow_ratio": [1.0, float("inf")]},
+            r"finite numbers",
+        ),
     ],
     ids=["missing-parameter", "extra-parameter", "not-a-pair", "text", "infinite"],
 )
@@ -338,7 +344,7 @@ def test_plausible_table_overrides_the_preset_for_an_unusual_system():
 @pytest.mark.parametrize(
     ("content", "match"),
     [
-        (b"model = \"\xff\xfe\"\n", r"is not UTF-8"),
+        (b'model = "\xff\xfe"\n', r"is not UTF-8"),
         (b"x = " + b"[" * 5000 + b"]" * 5000 + b"\n", r"nests arrays or tables too deeply|not valid TOML"),
         (b'model="cspbbr3-flow-focusing"\ntarget = 5\n', r"\[target\] must be a table"),
     ],
