@@ -75,11 +75,11 @@ def fit_command(
             raise InputError("--into DIR and --target-nm X go together: give both or neither.")
         if folds < 0 or folds == 1:
             raise InputError(f"--folds {folds} must be 0 (no cross-validation) or at least 2.")
+        check_input_file(data, "data file")
         if into is not None:
             check_new_folder(into, "--into")
             check_new_campaign_dir(into)
         check_output_folder(out if out is not None else Path(f"{data.stem}-fit"), "--out")
-        check_input_file(data, "data file")
         preset = Preset.load(model)
         runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"))
         read = Table(title=f"Columns read from {data}", title_justify="left")
