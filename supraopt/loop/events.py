@@ -70,8 +70,8 @@ class Event:
     """One thing that happened in the loop, for the progress display and ``run.log``."""
 
     kind: str
-    """started, resumed, warning, suggested, submitted, running, measured, failed, abandoned,
-    refused, rig error, adapter error, stopped."""
+    """started, resumed, warning, suggested, submitted, resubmitted, running, measured, failed,
+    abandoned, refused, rig error, adapter error, stopped."""
     experiment_id: str | None = None
     settings: dict[str, float] = field(default_factory=dict)
     prediction: dict[str, float] = field(default_factory=dict)

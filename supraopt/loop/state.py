@@ -141,6 +141,23 @@ class Runner:
         kind = "measured" if isinstance(result, Measurement) else "failed"
         self.emit(Event(kind, current.id, result=result, hit=hit, best=self.best, message="(recorded by hand)"))
 
+    def resubmitting(self, flight: Flight, rig_message: str) -> bool:
+        """Say in the ledger and ``run.log`` that a run the rig lost is submitted again; False if no longer open.
+
+        Written before the submit (like ``dispatched``), so no resubmission goes unrecorded.
+        """
+        reason = f"the rig reported the run lost ({rig_message or 'no message'}); submitted again"
+        try:
+            self.ledger.mark_resubmitted(flight.id, reason)
+        except LedgerError:
+            current = self.ledger.get(flight.id)
+            if current.status in OPEN:
+                raise
+            self.taken_elsewhere(current)
+            return False
+        self.emit(Event("resubmitted", flight.id, message=f"{reason} (submit is idempotent on the id)."))
+        return True
+
     # ------------------------------------------------------------------ ending experiments without a result
 
     def abandon(self, experiment_id: str, reason: str, *, refused: bool = False) -> None:
