@@ -13,16 +13,20 @@ Use it from a campaign's ``campaign.toml``; the ``[rig.options]`` table is passe
     [rig.options]
     seed = 1
     duration_s = 0.0                      # seconds a run takes; a real rig: minutes to days
-    state_file = "bench-rig-state.json"   # where runs survive a restart (relative to the working folder)
 
 then ``supraopt run DIR`` (run it from the folder holding ``examples/``, or install your adapter as a
 package; the runner also looks for the module in the working folder and the campaign folder).
 ``python examples/custom_adapter.py`` runs a whole campaign on this rig in a temporary folder.
 
+Its constructor has a ``state_dir`` parameter, so supraopt gives it the campaign's state folder
+(``<campaign>/rig-state/``); it keeps its runs there in a :class:`~supraopt.rigs.RunBook`.
+
 What the runner relies on:
 
-* ``submit`` is idempotent on ``proposal.experiment_id``: a second submit of a known id does nothing
-  (the runner resubmits after a lost reply or a crash, and must never start a second run).
+* ``submit`` is idempotent on ``proposal.experiment_id``, **even across restarts of the adapter**: a
+  second submit of a known id does nothing (the runner resubmits after a lost reply or a crash, and
+  must never start a second run). After a kill -9 or a reboot a fresh adapter object is built, so a
+  run table kept in memory is gone: keep it in a :class:`~supraopt.rigs.RunBook` (durable, atomic).
 * ``submit`` returns as soon as the run is accepted; ``poll`` reports QUEUED/RUNNING until it is done.
 * a failed *chemistry* is a FAILED run with a :class:`Failure` (it teaches the optimiser where the
   window is); a broken *rig or link* raises :class:`RigError` (the runner retries, never learns from it).
@@ -31,16 +35,14 @@ What the runner relies on:
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 from supraopt.errors import InputError, LimitViolation, RigError
 from supraopt.records import Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
+from supraopt.rigs import RunBook
 
 
 class BenchRig:
@@ -49,20 +51,18 @@ class BenchRig:
     Args:
         seed: seeds the measurement noise together with each experiment id (reproducible runs).
         duration_s: seconds between submit and the result.
-        state_file: JSON file keeping the submitted runs across restarts; None keeps them in memory.
         nozzle_um: nozzle width of the chip, µm.
+        state_dir: folder for the run book (supraopt passes ``<campaign>/rig-state/``); None keeps the
+            runs in memory, which no restart survives (fine for a quick test, never for a real rig).
     """
 
     def __init__(
-        self, seed: int = 0, duration_s: float = 0.0, state_file: str | None = None, nozzle_um: float = 6.0
+        self, seed: int = 0, duration_s: float = 0.0, nozzle_um: float = 6.0, state_dir: str | None = None
     ) -> None:
         if not (isinstance(duration_s, (int, float)) and duration_s >= 0):
             raise InputError(f"duration_s={duration_s!r} must be a non-negative number of seconds.")
         self.seed, self.duration_s, self.nozzle_um = int(seed), float(duration_s), float(nozzle_um)
-        self.state_file = None if state_file is None else Path(state_file)
-        self.runs: dict[str, dict[str, Any]] = {}
-        if self.state_file is not None and self.state_file.exists():
-            self.runs = json.loads(self.state_file.read_text())
+        self.book = RunBook(None) if state_dir is None else RunBook.in_folder(state_dir, "bench-rig.sqlite")
 
     # ------------------------------------------------------------------ the four methods
 
@@ -71,23 +71,25 @@ class BenchRig:
         return RigLimits({"concentration_mg_ml": (0.5, 12.0), "flow_ratio": (1.0, 20.0), "temperature_c": (20.0, 70.0)})
 
     def submit(self, proposal: Proposal) -> None:
-        if proposal.experiment_id in self.runs:
-            return  # idempotent: this run is already under way (or done)
+        if proposal.experiment_id in self.book:
+            return  # idempotent: this run is already under way (or done), even if we restarted since
         problems = self.limits().violations(proposal.settings)
         if problems:
             raise LimitViolation(f"{proposal.experiment_id} refused by the bench rig: {'; '.join(problems)}.")
-        self.runs[proposal.experiment_id] = {"settings": dict(proposal.settings), "started": time.time()}
-        self._save()
+        if not self.book.claim(proposal):  # atomic: True for exactly one caller, even across processes
+            return
+        # A real rig starts its pumps here, after the claim: a crash in between can lose the run (the runner
+        # then gives up on it) but never start it twice. This toy rig runs by the clock from the claim on.
 
     def poll(self, experiment_id: str) -> RunStatus:
-        run = self.runs.get(experiment_id)
+        run = self.book.get(experiment_id)
         if run is None:
             return RunStatus(experiment_id, RunState.LOST, message="the bench rig has no run under this id")
-        if time.time() - run["started"] < self.duration_s:
+        if run.state in (RunState.DONE, RunState.FAILED):
+            return run.status()  # kept: a runner that crashed before recording it asks again
+        if time.time() - run.created_at < self.duration_s:
             return RunStatus(experiment_id, RunState.RUNNING)
-        result = self._measure(experiment_id, run["settings"])
-        state = RunState.DONE if isinstance(result, Measurement) else RunState.FAILED
-        return RunStatus(experiment_id, state, result)
+        return self.book.finish(experiment_id, self._measure(experiment_id, run.settings)).status()
 
     def cancel(self, experiment_id: str) -> None:
         """This toy rig cannot stop a run once started; a real one would stop its pumps here."""
@@ -114,17 +116,6 @@ class BenchRig:
             )
         except InputError as error:  # should not happen; never report garbage as a measurement
             raise RigError(f"bench rig produced an implausible reading for {experiment_id}: {error}") from error
-
-    def _save(self) -> None:
-        """Write the runs atomically so a crash leaves the old or the new state, never half."""
-        if self.state_file is None:
-            return
-        tmp = self.state_file.with_name(self.state_file.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as stream:
-            json.dump(self.runs, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, self.state_file)
 
 
 def main() -> None:

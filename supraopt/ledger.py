@@ -413,6 +413,19 @@ class Ledger:
                 raise LedgerError(f"{experiment_id} has status {status} and cannot start running; suggest a new one.")
             self._change(conn, experiment_id, Status.RUNNING, "running", {})
 
+    def mark_resubmitted(self, experiment_id: str, reason: str) -> None:
+        """Record that the experiment is submitted to the rig again (the rig reported it lost); status unchanged.
+
+        Kept as a second ``dispatched`` event whose payload is ``{"resubmitted": true, "reason": reason}``,
+        and as the experiment's note until its result comes.
+        """
+        _reason("resubmit reason", reason)
+        with self._transaction(write=True) as conn:
+            status = self._lock(conn, experiment_id)
+            if status not in (Status.DISPATCHED, Status.RUNNING):
+                raise LedgerError(f"{experiment_id} has status {status} and cannot be resubmitted; suggest a new one.")
+            self._change(conn, experiment_id, status, "dispatched", {"resubmitted": True, "reason": reason}, reason)
+
     def record_measurement(self, experiment_id: str, measurement: Measurement, note: str = "") -> None:
         """Record the result of a successful run: open -> done."""
         self._record(experiment_id, measurement, note)

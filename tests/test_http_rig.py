@@ -31,7 +31,7 @@ from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout, Sp
 from supraopt.ledger import Status
 from supraopt.loop import Event, StopReason, run_campaign
 from supraopt.records import Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
-from supraopt.rigs import SimulatedRig, campaign_prefix, load_rig
+from supraopt.rigs import RunBook, SimulatedRig, campaign_prefix, load_rig
 from supraopt.rigs.http import HttpRig
 from supraopt.rigs.server import REGISTRY_FILE, create_app
 from supraopt.spec import SPEC_FILE, LoopSettings, RigSettings, load_spec
@@ -601,8 +601,8 @@ def ledger_summary(directory: Path) -> tuple[Counter[str], list[str]]:
 def rig_state(state_dir: Path) -> tuple[list[str], list[str]]:
     """Ids the server claimed and runs the twin holds, from their files in the state folder."""
     claimed = json.loads((state_dir / REGISTRY_FILE).read_text())["runs"]
-    runs = json.loads((state_dir / "simulated-rig-state.json").read_text())["runs"]
-    return sorted(claimed), sorted(runs)
+    runs = RunBook.in_folder(state_dir / "rig-state", "simulated.sqlite").entries()
+    return sorted(claimed), sorted(entry.experiment_id for entry in runs)
 
 
 def test_supraopt_run_drives_supraopt_rig_serve_to_the_end_of_a_campaign(tmp_path: Path) -> None:

@@ -13,7 +13,6 @@ module fixture; each parametrized test then reports its own case.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import subprocess
@@ -22,14 +21,14 @@ import traceback
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
 from supraopt.campaign import Campaign
 from supraopt.ledger import Ledger, Status
 from supraopt.records import Failure, Measurement
-from supraopt.rigs import SimulatedRig
+from supraopt.rigs import RunBook, SimulatedRig
 from supraopt.spec import SPEC_FILE, LoopSettings, RigSettings
 
 BUDGET = 3
@@ -51,7 +50,7 @@ class CountingRig(SimulatedRig):
         self.seen = set()
 
     def submit(self, proposal):
-        new = proposal.experiment_id not in self._runs
+        new = proposal.experiment_id not in self.book
         super().submit(proposal)
         if new:
             with open(self.starts_path, "a") as stream:
@@ -60,7 +59,7 @@ class CountingRig(SimulatedRig):
                 os.fsync(stream.fileno())
 
     def poll(self, experiment_id):
-        if experiment_id in self._runs and experiment_id not in self.seen:
+        if experiment_id in self.book and experiment_id not in self.seen:
             self.seen.add(experiment_id)
             return RunStatus(experiment_id, RunState.RUNNING)
         return super().poll(experiment_id)
@@ -100,7 +99,7 @@ def make_campaign(directory: Path, batch: int) -> None:
     directory.mkdir()
     (directory / "counting_rig.py").write_text(COUNTING_RIG)
     options = {
-        "state_path": str(directory / "rig-state.json"),
+        "state_path": str(directory / "rig-state.sqlite"),
         "starts_path": str(directory / "rig-starts.log"),
         "duration_s": 0.0,
         "seed": 0,
@@ -120,12 +119,6 @@ def supraopt_run(directory: Path, crash_at: str | None) -> subprocess.CompletedP
         env["SUPRAOPT_CRASH_AT"] = crash_at
     command = [sys.executable, "-m", "supraopt.cli", "run", str(directory)]
     return subprocess.run(command, cwd=directory, env=env, capture_output=True, text=True, timeout=300)
-
-
-def no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    assert len(keys) == len(set(keys)), f"duplicate keys in the rig state: {keys}"
-    return dict(pairs)
 
 
 def kill_and_resume(tmp_path: Path, steps: list[str]) -> None:
@@ -152,23 +145,26 @@ def kill_and_resume(tmp_path: Path, steps: list[str]) -> None:
     statuses = Counter(e.status for e in experiments.values())
     assert statuses[Status.DONE] + statuses[Status.FAILED] == BUDGET and len(experiments) == BUDGET, statuses
 
-    state = json.loads((directory / "rig-state.json").read_text(), object_pairs_hook=no_duplicate_keys)["runs"]
+    state = {entry.experiment_id: entry for entry in RunBook(directory / "rig-state.sqlite").entries()}
     starts = (directory / "rig-starts.log").read_text().split()
     assert len(starts) == len(set(starts)), f"a run was started twice: {starts}"
     assert set(state) == set(experiments), "the rig ran exactly the experiments the ledger holds, no extra run"
 
-    rig = SimulatedRig(seed=0, state_path=directory / "rig-state.json")
+    rig = SimulatedRig(seed=0, state_path=directory / "rig-state.sqlite")
     for experiment_id, experiment in experiments.items():
-        assert state[experiment_id]["settings"] == experiment.settings
+        assert state[experiment_id].settings == experiment.settings
         truth = rig.poll(experiment_id).result  # the twin's result is a function of (seed, id)
         if isinstance(truth, Measurement):
             assert experiment.status is Status.DONE and experiment.measurement == truth, experiment_id
         else:
             assert isinstance(truth, Failure)
             assert experiment.status is Status.FAILED and experiment.failure == truth, experiment_id
-    kinds = Counter((e["experiment_id"], e["kind"]) for e in events)
+    kinds = Counter(
+        (e["experiment_id"], "resubmitted" if e["payload"].get("resubmitted") else e["kind"]) for e in events
+    )
     for experiment_id in experiments:
         assert kinds[experiment_id, "dispatched"] == 1
+        assert kinds[experiment_id, "resubmitted"] <= 1  # only after the rig said LOST
         assert kinds[experiment_id, "measured"] + kinds[experiment_id, "failed"] == 1
 
 

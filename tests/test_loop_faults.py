@@ -77,7 +77,7 @@ class FaultyRig:
         self.inner.cancel(experiment_id)
 
     def forget(self, experiment_id: str) -> None:
-        self.inner._runs.pop(experiment_id, None)  # the rig loses the run (power cut, wiped queue)
+        self.inner.book.release(experiment_id)  # the rig loses the run (power cut, wiped queue)
 
 
 @pytest.fixture
@@ -108,7 +108,8 @@ def assert_consistent(ledger: Ledger) -> None:
     """Nothing corrupted: one suggestion and at most one dispatch per experiment, results only where they belong."""
     kinds: dict[str, list[str]] = {}
     for event in ledger.events():
-        kinds.setdefault(event["experiment_id"], []).append(event["kind"])
+        kind = "resubmitted" if event["payload"].get("resubmitted") else event["kind"]  # after a LOST reply
+        kinds.setdefault(event["experiment_id"], []).append(kind)
     for e in ledger.experiments():
         history = kinds[e.id]
         assert history.count("suggested") == 1 and history.count("dispatched") <= 1
@@ -288,6 +289,12 @@ def test_a_lost_run_is_resubmitted_once_then_abandoned(campaign: Campaign) -> No
     assert rig.started["E002"] == 2 and rig.submits["E002"] == 2
     lost = campaign.ledger.get("E002")
     assert lost.status is Status.ABANDONED and "lost by the rig even after a resubmit" in lost.note
+    resubmits = [e for e in campaign.ledger.events() if e["payload"].get("resubmitted")]
+    assert [(e["experiment_id"], e["kind"]) for e in resubmits] == [("E001", "dispatched"), ("E002", "dispatched")]
+    assert all("the rig reported the run lost" in e["payload"]["reason"] for e in resubmits)
+    logged = [line for line in (campaign.directory / "run.log").read_text().splitlines() if " resubmitted " in line]
+    assert [line.split()[1] for line in logged] == ["E001", "E002"]
+    assert "the rig reported the run lost (the simulated rig has no run under this id); submitted again" in logged[0]
     assert campaign.ledger.get("E003").status in (Status.DONE, Status.FAILED)
     assert_consistent(campaign.ledger)
 

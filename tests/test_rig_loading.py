@@ -55,8 +55,9 @@ def test_simulated_keeps_its_state_in_the_campaign_folder(tmp_path: Path) -> Non
     assert isinstance(rig, SimulatedRig) and isinstance(rig, Rig)
     assert rig.world.droplet_k == 1.3
     rig.submit(Proposal("E001", SETTINGS))
-    assert (tmp_path / "simulated-rig-state.json").is_file()
-    elsewhere = tmp_path / "other.json"
+    assert (tmp_path / "rig-state" / "simulated.sqlite").is_file()
+    assert "E001" in load_rig("simulated", {}, tmp_path).book  # a fresh twin knows the run
+    elsewhere = tmp_path / "other.sqlite"
     load_rig("simulated", {"state_path": str(elsewhere)}, tmp_path).submit(Proposal("E001", SETTINGS))
     assert elsewhere.is_file()
 

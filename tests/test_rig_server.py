@@ -288,7 +288,7 @@ def test_finished_runs_carry_measurements_and_failures(client: httpx.Client) -> 
 def test_the_ids_survive_a_restart(tmp_path: Path) -> None:
     def fresh() -> CountingRig:
         counting = CountingRig()
-        counting.rig = SimulatedRig(state_path=tmp_path / "twin.json")
+        counting.rig = SimulatedRig(state_path=tmp_path / "twin.sqlite")
         return counting
 
     with serving(create_app(fresh(), TOKEN, state_dir=tmp_path)) as url, httpx.Client(base_url=url) as client:
@@ -489,7 +489,9 @@ def test_fuzzing_the_schema_finds_no_server_error(case: Any) -> None:
     )
     limits = FUZZ_RIG.rig.limits()
     for experiment_id in FUZZ_RIG.started:
-        settings = FUZZ_RIG.rig._runs[experiment_id]["settings"]
+        entry = FUZZ_RIG.rig.book.get(experiment_id)
+        assert entry is not None
+        settings = entry.settings
         assert not limits.violations(settings)
 
 

@@ -13,6 +13,7 @@ import pytest
 from supraopt.errors import InputError, LimitViolation, RigError, SpecError
 from supraopt.records import Failure, Measurement, Proposal, RunState
 from supraopt.rigs.base import Rig
+from supraopt.rigs.runbook import RunBook
 from supraopt.rigs.simulated import HOLLOW, NO_DROPLETS, UNSTABLE, SimulatedRig, World
 from supraopt.spec import default_bounds
 
@@ -268,17 +269,16 @@ def test_submit_is_idempotent() -> None:
 
 
 def test_submit_is_idempotent_across_a_restart(tmp_path: Path) -> None:
-    state = tmp_path / "rig" / "state.json"
     clock = FakeClock()
-    first = SimulatedRig(state_path=str(state), duration_s=60.0, clock=clock)
+    first = SimulatedRig(state_dir=str(tmp_path / "rig"), duration_s=60.0, clock=clock)
     first.submit(Proposal("E001", GOOD))
     first.submit(Proposal("E002", GOOD))
     first.cancel("E002")
-    assert json.loads(state.read_text())["runs"]["E001"]["settings"] == GOOD
-    assert [p.name for p in state.parent.iterdir()] == ["state.json"]  # no temporary files left
+    entry = RunBook(tmp_path / "rig" / "simulated.sqlite").get("E001")
+    assert entry is not None and entry.settings == GOOD
 
     clock.now += 30
-    second = SimulatedRig(state_path=state, duration_s=60.0, clock=clock)  # the process was killed
+    second = SimulatedRig(state_dir=tmp_path / "rig", duration_s=60.0, clock=clock)  # the process was killed
     second.submit(Proposal("E001", settings(10.0)))
     assert second.poll("E001").state is RunState.RUNNING
     assert second.poll("E002").state is RunState.CANCELLED
@@ -287,6 +287,33 @@ def test_submit_is_idempotent_across_a_restart(tmp_path: Path) -> None:
     assert done.state is RunState.DONE
     first_answer = first.poll("E001")
     assert first_answer == done
+
+
+def test_an_older_json_state_file_is_converted_to_a_run_book(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    old = {
+        "version": 1,
+        "runs": {
+            "E001": {"settings": GOOD, "submitted_at": 100.0, "cancelled": False},
+            "E002": {"settings": settings(3.0), "submitted_at": 160.0, "cancelled": True},
+        },
+    }
+    state.write_text(json.dumps(old))
+    clock = FakeClock()
+    clock.now = 130.0
+    rig = SimulatedRig(state_path=state, duration_s=60.0, clock=clock)
+    assert rig.poll("E001").state is RunState.RUNNING and rig.poll("E002").state is RunState.CANCELLED
+    rig.submit(Proposal("E001", settings(10.0)))  # known: nothing new starts
+    assert [e.experiment_id for e in rig.book] == ["E001", "E002"] and rig.book.get("E001").settings == GOOD
+    assert json.loads((tmp_path / "state.json.v1").read_text()) == old  # the old text is kept
+    assert state.read_bytes().startswith(b"SQLite format 3")
+    clock.now = 160.0
+    again = SimulatedRig(state_path=state, duration_s=60.0, clock=clock)  # converted once, then just opened
+    assert again.poll("E001").state is RunState.DONE
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(("-wal", "-shm"))) == [
+        "state.json",
+        "state.json.v1",
+    ]
 
 
 def test_poll_lifecycle_with_a_fake_clock() -> None:
@@ -332,6 +359,7 @@ def test_an_unreadable_state_file_is_a_rig_error(tmp_path: Path) -> None:
     state.write_text("{not json")
     with pytest.raises(RigError, match="unreadable"):
         SimulatedRig(state_path=state)
+    assert state.read_text() == "{not json"  # left as it was
 
 
 def test_bad_rig_arguments_are_refused() -> None:

@@ -31,13 +31,16 @@ Crash-safety rules:
   runner dies between the rig's DONE and the record, the restart polls again (the rig keeps results)
   and records it then. A result already in the ledger (the manual rig: a person ran
   ``supraopt record``) counts as recorded: no error, no second record.
-* **A rig error is not a failed experiment.** :class:`~supraopt.errors.RigError` or any other
-  exception from the adapter is retried with backoff (``poll_interval_s``, at least 0.5 s, doubling
-  up to 10 min); :class:`~supraopt.errors.RigTimeout`, or a call that takes longer than
+* **A rig error is not a failed experiment.** A rig fault (:class:`~supraopt.errors.RigError`,
+  ``OSError``, an httpx transport error) is retried with backoff (``poll_interval_s``, at least 0.5 s,
+  doubling up to 10 min); :class:`~supraopt.errors.RigTimeout`, or a call that takes longer than
   ``rig_timeout_s``, means "unknown, ask again", never "failed". After ``max_rig_errors`` failed
   calls of one rig method in a row the runner stops with one line and leaves the experiments in
   flight DISPATCHED/RUNNING for the next run. A submit whose reply was lost is not repeated: the
   next poll tells whether the rig got it (LOST: submit again).
+* **An adapter bug is not a rig fault.** Any other exception from an adapter method (``KeyError``,
+  ``TypeError``...) would only repeat: the runner stops at once (exit code 2), shows the adapter's
+  own traceback frames on stderr and in ``run.log``, and keeps the experiments in flight.
 * **Every rig call has a timeout.** It runs in a daemon worker thread and is waited for at most
   ``rig_timeout_s`` seconds (0: no timeout, call directly). A call that hangs is left behind; the
   next call of the same method first waits for it again instead of starting a second thread, so at

@@ -64,7 +64,7 @@ def poll(r: Runner, flight: Flight) -> None:
         if limits is None:
             flight.due = max(flight.due, r.limits_due)
             return
-        if r.still_open(flight.id) and submit(r, flight, limits, label="after_resubmit"):
+        if r.resubmitting(flight, status.message) and submit(r, flight, limits, label="after_resubmit"):
             flight.resubmitted = True
     elif state is RunState.CANCELLED:
         r.abandon(flight.id, f"cancelled on the rig ({status.message or 'no message'}).")

@@ -22,9 +22,17 @@ class StopReason(StrEnum):
     """Ctrl-C: experiments in flight stay DISPATCHED/RUNNING; run again to resume."""
     RIG_ERROR = "rig error"
     """Too many rig errors (or experiments without a result) in a row."""
+    ADAPTER_ERROR = "adapter error"
+    """The adapter's code raised something no rig fault raises (a bug): stopped at once, runs kept in flight."""
 
 
-EXIT_CODES = {StopReason.HIT: 0, StopReason.BUDGET: 0, StopReason.INTERRUPTED: 130, StopReason.RIG_ERROR: 2}
+EXIT_CODES = {
+    StopReason.HIT: 0,
+    StopReason.BUDGET: 0,
+    StopReason.INTERRUPTED: 130,
+    StopReason.RIG_ERROR: 2,
+    StopReason.ADAPTER_ERROR: 2,
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class RunSummary:
 
     @property
     def exit_code(self) -> int:
-        """0 on a hit or the budget, 130 on Ctrl-C, 2 when the rig failed."""
+        """0 on a hit or the budget, 130 on Ctrl-C, 2 when the rig or its adapter failed."""
         return EXIT_CODES[self.reason]
 
 
@@ -62,8 +70,8 @@ class Event:
     """One thing that happened in the loop, for the progress display and ``run.log``."""
 
     kind: str
-    """started, resumed, warning, suggested, submitted, running, measured, failed, abandoned,
-    refused, rig error, stopped."""
+    """started, resumed, warning, suggested, submitted, resubmitted, running, measured, failed,
+    abandoned, refused, rig error, adapter error, stopped."""
     experiment_id: str | None = None
     settings: dict[str, float] = field(default_factory=dict)
     prediction: dict[str, float] = field(default_factory=dict)

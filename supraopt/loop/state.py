@@ -9,9 +9,12 @@ ledger, which is why a restart loses nothing. The phases (:mod:`~supraopt.loop.d
 from __future__ import annotations
 
 import math
+import sys
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO
 
 from supraopt.campaign import Campaign
@@ -138,6 +141,23 @@ class Runner:
         kind = "measured" if isinstance(result, Measurement) else "failed"
         self.emit(Event(kind, current.id, result=result, hit=hit, best=self.best, message="(recorded by hand)"))
 
+    def resubmitting(self, flight: Flight, rig_message: str) -> bool:
+        """Say in the ledger and ``run.log`` that a run the rig lost is submitted again; False if no longer open.
+
+        Written before the submit (like ``dispatched``), so no resubmission goes unrecorded.
+        """
+        reason = f"the rig reported the run lost ({rig_message or 'no message'}); submitted again"
+        try:
+            self.ledger.mark_resubmitted(flight.id, reason)
+        except LedgerError:
+            current = self.ledger.get(flight.id)
+            if current.status in OPEN:
+                raise
+            self.taken_elsewhere(current)
+            return False
+        self.emit(Event("resubmitted", flight.id, message=f"{reason} (submit is idempotent on the id)."))
+        return True
+
     # ------------------------------------------------------------------ ending experiments without a result
 
     def abandon(self, experiment_id: str, reason: str, *, refused: bool = False) -> None:
@@ -169,9 +189,15 @@ class Runner:
     # ------------------------------------------------------------------ rig errors
 
     def rig_error(self, error: BaseException, call: str, experiment_id: str | None = None) -> float:
-        """Count a failed rig call; stop after too many in a row; return the seconds to wait before retrying."""
-        count = self.rig_errors[call] = self.rig_errors.get(call, 0) + 1
+        """Count a failed rig call; stop after too many in a row; return the seconds to wait before retrying.
+
+        Only a rig fault (:func:`is_rig_fault`) is retried; any other exception is a bug in the adapter's
+        code and stops the run at once (:meth:`adapter_bug`).
+        """
         what = f"rig.{call}({experiment_id!r})" if experiment_id else f"rig.{call}()"
+        if not is_rig_fault(error):
+            self.adapter_bug(error, what)
+        count = self.rig_errors[call] = self.rig_errors.get(call, 0) + 1
         if isinstance(error, TimeoutError):
             text = f"no answer from {what} ({clause(error)}): state unknown, asking again"
         elif isinstance(error, RigError):
@@ -192,6 +218,32 @@ class Runner:
         delay = min(interval * 2 ** (count - 1), max(MAX_BACKOFF_S, interval))
         self.emit(Event("rig error", experiment_id, message=f"({count}/{limit}) {text}; retry in {delay:g} s."))
         return delay
+
+    def adapter_bug(self, error: BaseException, what: str) -> None:
+        """Stop now: ``what`` raised an exception no rig fault raises (KeyError, TypeError...).
+
+        Retrying would only repeat the bug, so the run stops with exit code 2, the experiments in flight
+        stay DISPATCHED/RUNNING for the next run, and the adapter's own traceback frames (supraopt's are
+        left out) go to stderr and ``run.log``.
+        """
+        text = f"{what} raised {type(error).__name__}: {clause(error)}"
+        self.emit(Event("adapter error", message=f"{text}: a bug in the adapter's code, not a rig fault."))
+        frames = adapter_traceback(error)
+        if self.log is not None:
+            self.log.write("".join(f"    {line}\n" for line in frames.splitlines()))
+            self.log.flush()
+        print(frames, file=sys.stderr, end="", flush=True)
+        left = self.open_in_flight()
+        tail = f"; {', '.join(left)} kept in flight" if left else ""
+        raise Stop(
+            StopReason.ADAPTER_ERROR,
+            f"{text}: a bug in the rig adapter, not a rig fault (traceback above and in {self.log_name}){tail}; "
+            "fix the adapter, then run the same command again to resume.",
+        )
+
+    @property
+    def log_name(self) -> str:
+        return "run.log" if self.log is None else Path(self.log.name).name
 
     def rig_ok(self, call: str) -> None:
         self.rig_errors[call] = 0
@@ -216,3 +268,32 @@ class Runner:
 def clause(error: BaseException) -> str:
     """An exception's message as a clause for a one-line message."""
     return (str(error).strip().rstrip(".") or type(error).__name__).replace("\n", " ")
+
+
+_LOOP_DIR = Path(__file__).resolve().parent
+_TRANSPORT_MODULES = ("httpx", "httpcore", "h11", "h2")
+
+
+def is_rig_fault(error: BaseException) -> bool:
+    """Whether ``error`` says the rig or its link failed (retry), rather than that the adapter's code is wrong.
+
+    Rig faults: :class:`~supraopt.errors.RigError` (and so :class:`~supraopt.errors.RigTimeout`),
+    ``OSError`` (serial ports, sockets, files: ``ConnectionError``, ``TimeoutError``...), and the
+    transport errors of httpx/httpcore (recognised by name, so the loop never imports them).
+    """
+    if isinstance(error, (RigError, OSError, TimeoutError)):
+        return True
+    return any(
+        cls.__name__ in ("TransportError", "TimeoutException", "NetworkError", "ProtocolError")
+        and cls.__module__.split(".")[0] in _TRANSPORT_MODULES
+        for cls in type(error).__mro__
+    )
+
+
+def adapter_traceback(error: BaseException) -> str:
+    """``error``'s traceback from the adapter's method down: the runner's frames (up to the call) are left out."""
+    frames = traceback.extract_tb(error.__traceback__)
+    last_own = max((i for i, f in enumerate(frames) if Path(f.filename).resolve().parent == _LOOP_DIR), default=-1)
+    shown = frames[last_own + 1 :]
+    head = "Traceback in the rig adapter (most recent call last):\n"
+    return head + "".join(traceback.format_list(shown)) + "".join(traceback.format_exception_only(error))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import inspect
 import re
 import sys
 from pathlib import Path
@@ -17,26 +18,33 @@ from typing import Any
 from supraopt.errors import SpecError
 from supraopt.rigs.base import Rig
 from supraopt.rigs.manual import ManualRig
+from supraopt.rigs.runbook import RunBook
 from supraopt.rigs.simulated import SimulatedRig, World
 from supraopt.spec import SPEC_FILE, load_spec, resolve_model
 
-__all__ = ["ManualRig", "Rig", "SimulatedRig", "World", "load_rig"]
+__all__ = ["ManualRig", "Rig", "RunBook", "SimulatedRig", "World", "load_rig"]
 
 SIMULATED_STATE_FILE = "simulated-rig-state.json"
+"""Where older versions kept the twin's runs; still used (converted to a run book) when present."""
+RIG_STATE_DIR = "rig-state"
+"""The state folder given to adapters (``state_dir``), inside the campaign folder."""
 _METHODS = ("limits", "submit", "poll", "cancel")
 
 
 def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
     """Build the rig named by ``adapter`` with ``options`` (the ``[rig.options]`` table).
 
-    ``simulated`` keeps its runs in ``<campaign_dir>/simulated-rig-state.json`` unless
-    ``state_path`` is given, and simulates the campaign's ``model`` unless ``preset`` is given;
+    An adapter whose constructor has a ``state_dir`` parameter gets ``<campaign_dir>/rig-state``
+    (unless the options name one): the folder for its durable state, e.g. a :class:`RunBook`.
+    ``simulated`` keeps its runs there (or in an older campaign's ``simulated-rig-state.json``)
+    unless ``state_path`` is given, and simulates the campaign's ``model`` unless ``preset`` is given;
     ``manual`` works in ``campaign_dir``. Every problem is a :class:`SpecError` naming the adapter.
     """
     options = dict(options)
     campaign_dir = Path(campaign_dir)
     if adapter == "simulated":
-        options.setdefault("state_path", str(campaign_dir / SIMULATED_STATE_FILE))
+        if (campaign_dir / SIMULATED_STATE_FILE).exists():
+            options.setdefault("state_path", str(campaign_dir / SIMULATED_STATE_FILE))
         if "preset" not in options and (campaign_dir / SPEC_FILE).is_file():
             options["preset"] = resolve_model(load_spec(campaign_dir).model, campaign_dir)
         cls: Any = SimulatedRig
@@ -54,6 +62,8 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
         raise SpecError(
             f"unknown rig adapter {adapter!r}: use 'simulated', 'manual', 'http' or 'package.module:ClassName'."
         )
+    if "state_dir" not in options and _takes_state_dir(cls):
+        options["state_dir"] = str(campaign_dir / RIG_STATE_DIR)
     try:
         rig = cls(**options)
     except Exception as error:  # a third-party constructor may raise anything
@@ -62,6 +72,15 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
     if missing:
         raise SpecError(f"rig adapter {adapter!r} is not a rig: it lacks {', '.join(f'{name}()' for name in missing)}.")
     return rig
+
+
+def _takes_state_dir(cls: Any) -> bool:
+    """Whether the adapter's constructor names a ``state_dir`` parameter (``**options`` alone does not count)."""
+    try:
+        parameter = inspect.signature(cls).parameters.get("state_dir")
+    except (TypeError, ValueError):  # no signature to read (a builtin, say)
+        return False
+    return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
 
 
 def campaign_prefix(campaign_dir: Path) -> str:

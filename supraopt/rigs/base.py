@@ -13,8 +13,11 @@ class with these four methods (no base class needed, no torch needed)::
 Contract:
 
 * ``submit`` must be **idempotent on** ``proposal.experiment_id``: a second call with an id the
-  rig already knows does nothing (the runner retries after a lost reply). It returns once the
-  rig has accepted the run; it does not wait for the result.
+  rig already knows does nothing (the runner retries after a lost reply), also after a restart of
+  the adapter (a new object, a new process): keep the runs in a
+  :class:`~supraopt.rigs.runbook.RunBook`, in the ``state_dir`` supraopt passes to a constructor
+  that has such a parameter. It returns once the rig has accepted the run; it does not wait for
+  the result.
 * ``poll`` returns a :class:`RunStatus`: ``QUEUED``/``RUNNING`` (ask again later), ``DONE`` with
   a :class:`Measurement`, ``FAILED`` with a :class:`Failure` (the *chemistry* failed: "droplets
   unstable", "hollow particles"...), ``LOST`` if the rig has no run under that id, or
@@ -22,6 +25,8 @@ Contract:
 * A problem with the hardware or the link is not a failed experiment: raise
   :class:`~supraopt.errors.RigError` (or :class:`~supraopt.errors.RigTimeout` when no answer came
   in time: the runner treats that as "unknown, ask again", never as failed).
+  Any other exception (``KeyError``, ``TypeError``...) is taken for a bug in the adapter: the
+  runner stops at once and shows its traceback.
 * ``limits`` gives the hard bounds; the runner checks every proposal against them right before
   ``submit`` and never sends one outside them.
 """

@@ -10,6 +10,10 @@ What the server guarantees, whatever the adapter:
 * **A bearer token on everything but** ``/v1/health``: from ``SUPRAOPT_RIG_TOKEN``, else the
   ``token`` file of the state folder, else generated on first start, saved there (mode 0600) and
   printed once. A missing or wrong token is 401 (compared in constant time), before the body is read.
+  A token sent in the query string instead is refused like any other, and never written in clear to
+  the access log: every query value is logged as ``REDACTED``.
+* **Small bodies only.** A request body over ``MAX_BODY_BYTES`` (64 KiB; a submit is ~100 bytes) is
+  413, refused on its ``Content-Length`` or as soon as that much has arrived, never read whole.
 * **Validated input.** Settings must be exactly the three parameters, finite JSON numbers, inside
   ``rig.limits()``; anything else is 422 and never reaches the adapter.
 * **One run per experiment id.** The first ``PUT /v1/runs/{id}`` claims the id with its settings in
@@ -24,8 +28,10 @@ What the server guarantees, whatever the adapter:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import re
 import secrets
 import tempfile
 import threading
@@ -43,7 +49,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout
 from supraopt.records import PARAMETERS, Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
@@ -56,6 +62,8 @@ DEFAULT_PORT = 8765
 TOKEN_FILE = "token"
 REGISTRY_FILE = "rig-server-runs.json"
 MIN_TOKEN_LENGTH = 16
+MAX_BODY_BYTES = 64 * 1024
+"""Largest request body accepted (a submit is about 100 bytes); larger is 413."""
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """Experiment ids the server accepts: supraopt's E001, E002... and any other short plain name."""
 OPEN_PATHS = frozenset({f"{API_PREFIX}/health"})
@@ -131,7 +139,8 @@ class ErrorOut(BaseModel):
 
     detail: str
     kind: str = Field(
-        description="unauthorized, invalid_request, limits, conflict, rig_error, rig_timeout or invalid_result."
+        description="unauthorized, invalid_request, too_large, limits, conflict, rig_error, rig_timeout or "
+        "invalid_result."
     )
 
 
@@ -345,6 +354,7 @@ def create_app(rig: Rig, token: str, *, state_dir: str | os.PathLike[str] | None
             detail = f"invalid request: {where + ': ' if where else ''}{first['msg']}."
         return JSONResponse({"detail": detail, "kind": "invalid_request", "errors": errors}, status_code=422)
 
+    app.add_middleware(_BodyLimit, limit=MAX_BODY_BYTES)  # inside the token check: runs only once it passed
     app.add_middleware(_BearerAuth, secret=secret)
     return app
 
@@ -371,6 +381,75 @@ class _BearerAuth:
                 await reply(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: 413 for a body over ``limit`` bytes, on its Content-Length or once that much arrived.
+
+    The body (small by then) is read here and handed on whole, so the app never sees a partial one.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if not declared.isdigit() or int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: let the app see it
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as the server would
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        detail = f"request body too large: at most {self.limit} bytes (a submit is about 100)."
+        reply = JSONResponse({"detail": detail, "kind": "too_large"}, status_code=413, headers={"Connection": "close"})
+        await reply(scope, receive, send)
+
+
+class _RedactQuery(logging.Filter):
+    """Write every query-string value of an access-log line as REDACTED (a token sent as ``?token=...``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+        return True
+
+
+def _redact(text: str) -> str:
+    """``/v1/limits?token=abc&x`` -> ``/v1/limits?token=REDACTED&REDACTED``: values go, short plain names stay."""
+    path, mark, query = text.partition("?")
+    if not mark:
+        return text
+    parts = []
+    for part in re.split(r"[&;]", query):
+        name, equals, _ = part.partition("=")
+        plain = equals and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) and len(name) < MIN_TOKEN_LENGTH
+        parts.append(f"{name}=REDACTED" if plain else "REDACTED")
+    return f"{path}?{'&'.join(parts)}"
 
 
 def _run_out(experiment_id: str, status: object) -> RunOut:
@@ -542,7 +621,9 @@ def serve(
             f"warning: listening on {host}, not only on this machine: anyone who can reach port {port} can try the "
             "token, and plain HTTP carries it unencrypted; use a firewall, or a TLS proxy in front."
         )
-    uvicorn.run(app, host=host, port=port, ws="none", log_level="info")
+    config = uvicorn.Config(app, host=host, port=port, ws="none", log_level="info")  # sets up uvicorn's loggers
+    logging.getLogger("uvicorn.access").addFilter(_RedactQuery())
+    uvicorn.Server(config).run()
 
 
 def _settings_text(settings: dict[str, float]) -> str:

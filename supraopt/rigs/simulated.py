@@ -6,8 +6,8 @@ the droplet law, a packing fraction that loosens with temperature inside the mas
 rise near the hollow edge, soft and tilted failure edges, and SEM-like measurement noise.
 
 :class:`World` holds the hidden constants and the noise-free laws; :class:`SimulatedRig` wraps a
-world in the rig adapter protocol (:mod:`supraopt.rigs.base`), optionally persisting its runs so it
-survives a restart of the process that owns it.
+world in the rig adapter protocol (:mod:`supraopt.rigs.base`), keeping its runs in a
+:class:`~supraopt.rigs.runbook.RunBook` so it survives a restart of the process that owns it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,12 +29,15 @@ import numpy.typing as npt
 
 from supraopt.errors import InputError, LimitViolation, RigError, SpecError
 from supraopt.records import PARAMETERS, Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
+from supraopt.rigs.runbook import Entry, RunBook
 from supraopt.spec import default_bounds, preset_path, read_toml
 
 DEFAULT_PRESET = "cspbbr3-flow-focusing"
 UNSTABLE = "droplets unstable"
 HOLLOW = "hollow particles"
 NO_DROPLETS = "jetting, no droplets"
+STATE_FILE = "simulated.sqlite"
+"""The twin's run book in its state folder."""
 MIN_WINDOW_RATIO = 2.0
 """A random world's window (high edge / low edge, inside the bounds) is at least this wide everywhere."""
 MAX_BEST_PDI_PCT = 5.5
@@ -497,12 +500,18 @@ class World:
 class SimulatedRig:
     """Rig adapter around a :class:`World`; results are drawn deterministically from (seed, experiment id).
 
+    Its runs are kept in a :class:`~supraopt.rigs.runbook.RunBook`, so a restarted twin (a new object,
+    a new process) knows every run it started and never starts one twice.
+
     Args:
         preset: physics preset the world and the default limits come from.
         seed: seeds every run's noise together with its experiment id.
         world_seed: when given, use ``World.random(world_seed, preset)`` instead of the default world.
         duration_s: seconds a run takes before ``poll`` reports its result.
-        state_path: JSON file that keeps the submitted runs across restarts (None: memory only).
+        state_dir: folder for the run book ``simulated.sqlite`` (supraopt passes ``<campaign>/rig-state``).
+        state_path: the run book file itself, overriding ``state_dir``. A JSON state file written by
+            older versions is converted in place (its old text kept as ``<name>.v1``).
+            Neither given: runs are kept in memory only.
         limits: parameter -> [low, high] overriding the preset's bounds.
         clock: seconds since the epoch (tests pass a fake); must agree across restarts.
         **world_options: any :class:`World` field, overriding the chosen world's value.
@@ -517,6 +526,7 @@ class SimulatedRig:
         state_path: str | os.PathLike[str] | None = None,
         limits: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
+        state_dir: str | os.PathLike[str] | None = None,
         **world_options: Any,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -537,91 +547,89 @@ class SimulatedRig:
             except (TypeError, ValueError, IndexError):
                 raise InputError(f"simulated rig limits {name}={pair!r} must be a [low, high] pair.") from None
         self._limits = RigLimits(bounds)
-        self.state_path = None if state_path is None else Path(state_path)
-        self._runs: dict[str, dict[str, Any]] = self._load()
-        self._results: dict[str, Measurement | Failure] = {}
+        if state_path is not None:
+            self.state_path: Path | None = Path(state_path)
+        elif state_dir is not None:
+            self.state_path = Path(state_dir) / STATE_FILE
+        else:
+            self.state_path = None
+        if self.state_path is not None:
+            _convert_json_state(self.state_path)
+        self.book = RunBook(self.state_path)
 
     def limits(self) -> RigLimits:
         return self._limits
 
     def submit(self, proposal: Proposal) -> None:
         """Accept a run; a known id is a no-op; settings outside the limits raise LimitViolation."""
-        if proposal.experiment_id in self._runs:
+        if proposal.experiment_id in self.book:
             return
         problems = self._limits.violations(proposal.settings)
         if problems:
             raise LimitViolation(f"experiment {proposal.experiment_id} not submitted: {'; '.join(problems)}.")
-        self._runs[proposal.experiment_id] = {
-            "settings": {name: float(proposal.settings[name]) for name in PARAMETERS},
-            "submitted_at": self.clock(),
-            "cancelled": False,
-        }
-        self._save()
+        settings = {name: float(proposal.settings[name]) for name in PARAMETERS}
+        self.book.claim(Proposal(proposal.experiment_id, settings), submitted_at=self.clock())
 
     def poll(self, experiment_id: str) -> RunStatus:
-        run = self._runs.get(experiment_id)
+        run = self.book.get(experiment_id)
         if run is None:
             return RunStatus(experiment_id, RunState.LOST, message="the simulated rig has no run under this id")
-        if run["cancelled"]:
-            return RunStatus(experiment_id, RunState.CANCELLED)
+        if run.state in (RunState.CANCELLED, RunState.DONE, RunState.FAILED):
+            return run.status()
         if not self._finished(run):
             return RunStatus(experiment_id, RunState.RUNNING)
-        if experiment_id not in self._results:
-            self._results[experiment_id] = self.world.sample(run["settings"], self._rng(experiment_id))
-        result = self._results[experiment_id]
-        state = RunState.DONE if isinstance(result, Measurement) else RunState.FAILED
-        return RunStatus(experiment_id, state, result)
+        result = self.world.sample(run.settings, self._rng(experiment_id))
+        return self.book.finish(experiment_id, result).status()
 
     def cancel(self, experiment_id: str) -> None:
         """Stop a run still in progress; unknown or finished runs are left as they are."""
-        run = self._runs.get(experiment_id)
-        if run is None or run["cancelled"] or self._finished(run):
+        run = self.book.get(experiment_id)
+        if run is None or run.state is not RunState.QUEUED or self._finished(run):
             return
-        run["cancelled"] = True
-        self._save()
+        self.book.update(experiment_id, RunState.CANCELLED)
 
-    def _finished(self, run: dict[str, Any]) -> bool:
-        return bool(self.clock() - run["submitted_at"] >= self.duration_s)
+    def _finished(self, run: Entry) -> bool:
+        return bool(self.clock() - float(run.info["submitted_at"]) >= self.duration_s)
 
     def _rng(self, experiment_id: str) -> np.random.Generator:
         digest = hashlib.sha256(experiment_id.encode()).digest()
         return np.random.default_rng([self.seed, *np.frombuffer(digest[:16], dtype=np.uint32).tolist()])
 
-    def _load(self) -> dict[str, dict[str, Any]]:
-        if self.state_path is None or not self.state_path.exists():
-            return {}
-        try:
-            runs = json.loads(self.state_path.read_text())["runs"]
-            return {
-                str(key): {
-                    "settings": {name: float(run["settings"][name]) for name in PARAMETERS},
-                    "submitted_at": float(run["submitted_at"]),
-                    "cancelled": bool(run["cancelled"]),
-                }
-                for key, run in runs.items()
-            }
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise RigError(
-                f"simulated rig state {self.state_path} is unreadable ({error}); move it away to start afresh."
-            ) from None
 
-    def _save(self) -> None:
-        """Write the runs atomically (temporary file, fsync, rename) so a kill -9 leaves old or new, never half."""
-        if self.state_path is None:
-            return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temporary = tempfile.mkstemp(dir=self.state_path.parent, prefix=f".{self.state_path.name}.")
-        try:
-            with os.fdopen(handle, "w") as stream:
-                json.dump({"version": 1, "runs": self._runs}, stream, indent=1)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.state_path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        directory = os.open(self.state_path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+def _convert_json_state(path: Path) -> None:
+    """Turn the JSON state file of older versions into a run book at the same path (kept as ``<name>.v1``).
+
+    Crash-safe: the run book is built in a temporary file and renamed over the JSON file only when
+    complete; a kill before that leaves the JSON file, converted again next time.
+    """
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(16)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise RigError(f"simulated rig state {path} is unreadable ({error.strerror}); check it.") from None
+    if head.startswith(b"SQLite format 3") or not head.strip():
+        return
+    try:
+        runs = json.loads(path.read_text())["runs"]
+        parsed = {
+            str(key): (
+                {name: float(run["settings"][name]) for name in PARAMETERS},
+                float(run["submitted_at"]),
+                bool(run["cancelled"]),
+            )
+            for key, run in runs.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise RigError(f"simulated rig state {path} is unreadable ({error}); move it away to start afresh.") from None
+    temporary = path.with_name(f".{path.name}.converting")
+    for leftover in (temporary, Path(f"{temporary}-wal"), Path(f"{temporary}-shm")):
+        leftover.unlink(missing_ok=True)
+    with RunBook(temporary) as book:
+        for experiment_id, (settings, submitted_at, cancelled) in parsed.items():
+            book.claim(Proposal(experiment_id, settings), submitted_at=submitted_at)
+            if cancelled:
+                book.update(experiment_id, RunState.CANCELLED)
+    shutil.copyfile(path, path.with_name(path.name + ".v1"))
+    os.replace(temporary, path)
