@@ -18,11 +18,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from supraopt.errors import InputError, SupraoptError
 from supraopt.ledger import OPEN
 from supraopt.records import PARAMETERS, Failure, Measurement
+from supraopt.tables import Table, read_rows
 
 if TYPE_CHECKING:
     from supraopt.campaign import Campaign
@@ -38,15 +37,9 @@ def _blank(value: Any) -> bool:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV, with a one-line error when it cannot be parsed."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"CSV file {path} does not exist.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise InputError(f"CSV file {path} cannot be read: {str(error).strip().splitlines()[0]}.") from None
-    return frame
+def read_table(path: Path, sheet: str | None = None) -> Table:
+    """Read a CSV (or an .xlsx sheet) as text cells, with a one-line error when it cannot be parsed."""
+    return read_rows(path, sheet)
 
 
 def _number(row: int, column: str, raw: str, integer: bool = False) -> float | int | None:
@@ -91,17 +84,17 @@ def parse_row(row: int, data: dict[str, str]) -> tuple[str | None, dict[str, Any
     return experiment_id, settings, result, note
 
 
-def record_csv(campaign: Campaign, path: Path) -> list[str]:
-    """Validate every row of ``path``, then record them all; returns the experiment ids."""
-    frame = read_table(path)
+def record_csv(campaign: Campaign, path: Path, sheet: str | None = None) -> list[str]:
+    """Validate every row of ``path`` (CSV or .xlsx), then record them all; returns the experiment ids."""
+    frame = read_table(path, sheet)
     unknown = set(frame.columns) - KNOWN
     if unknown:
         raise InputError(
             f"CSV file {path}: unknown column(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(KNOWN))}."
         )
-    if frame.empty:
+    if not frame.rows:
         raise InputError(f"CSV file {path} has no rows.")
-    records: list[dict[str, str]] = frame.to_dict("records")  # type: ignore[assignment]
+    records = frame.rows
     rows = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
     seen: set[str] = set()
     for i, (experiment_id, settings, _, _) in enumerate(rows, start=2):

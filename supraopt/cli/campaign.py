@@ -101,7 +101,12 @@ def record(
         bool, typer.Option("--correct", help="Replace an already recorded result (kept in history).")
     ] = False,
     note: Annotated[str, typer.Option(help="Free-text note stored with the result.")] = "",
-    csv: Annotated[Path | None, typer.Option("--csv", help="Record many results from a CSV file (see README).")] = None,
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Record many results from a CSV or Excel .xlsx file (see README).")
+    ] = None,
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="With an .xlsx file: the sheet to read (default: the first).")
+    ] = None,
 ) -> None:
     """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV."""
     with user_errors():
@@ -111,11 +116,13 @@ def record(
             from supraopt.bulk import record_csv
 
             with open_campaign(directory) as campaign:
-                ids = record_csv(campaign, csv)
+                ids = record_csv(campaign, csv, sheet)
             console.print(f"Recorded {len(ids)} result(s) from {csv}.")
             return
         if experiment_id is None:
             raise InputError("give the experiment id (e.g. E001) or --csv FILE.")
+        if sheet is not None:
+            raise InputError(f"--sheet {sheet!r} needs --csv FILE.xlsx.")
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
             campaign.record(experiment_id, result, note=note, correct=correct)
