@@ -61,6 +61,9 @@ def suggest(
 ) -> None:
     """Propose the next experiment(s), print them and mark them pending in the ledger."""
     with user_errors(), open_campaign(directory) as campaign:
+        from supraopt.torchfast import threads_for
+
+        threads_for(len(campaign.ledger.experiments()))
         suggestions = campaign.suggest(n)
         target = campaign.spec.target
     if as_json:

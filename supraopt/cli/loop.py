@@ -128,9 +128,9 @@ def interrupt_exit() -> Iterator[None]:
 def run(
     directory: CampaignDir,
     budget: Annotated[
-        int | None, typer.Option(help="Stop once this many experiments have finished (default: [loop] budget).")
+        int | None, typer.Option(help="Stop once this many experiments have finished (default: \\[loop] budget).")
     ] = None,
-    batch: Annotated[int | None, typer.Option(help="Experiments in flight at once (default: [loop] batch).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Experiments in flight at once (default: \\[loop] batch).")] = None,
     rig: Annotated[
         str | None,
         typer.Option(
