@@ -48,7 +48,7 @@ def broadcast_shapes(*shapes: Any) -> torch.Size:
 
 def install() -> None:
     """Use :func:`broadcast_shapes` for ``torch.broadcast_shapes`` (idempotent)."""
-    torch.broadcast_shapes = broadcast_shapes  # type: ignore[assignment]
+    torch.broadcast_shapes = broadcast_shapes
 
 
 def threads_for(runs: int) -> None:
