@@ -33,9 +33,7 @@ def init(
     tolerance: Annotated[float, typer.Option(help="Relative size tolerance (0.03 = ±3 %).")] = 0.03,
     pdi_max: Annotated[float, typer.Option("--pdi-max", help="Polydispersity ceiling, % (CV of diameter).")] = 6.0,
     seed: Annotated[int, typer.Option(help="Seed: the same ledger and seed give the same suggestions.")] = 0,
-    rig: Annotated[str, typer.Option(help="Rig adapter: simulated, manual, http or package.module:Class.")] = (
-        "simulated"
-    ),
+    rig: Annotated[str, typer.Option(help="Rig adapter: simulated, manual, http or module:Class.")] = ("simulated"),
 ) -> None:
     """Create a campaign folder with its campaign.toml and an empty ledger."""
     from supraopt.campaign import Campaign

@@ -61,7 +61,7 @@ class RunProgress:
                 row[8] = e.result.reason
         if e.kind == "stopped":
             return  # the command prints the summary itself
-        if self.live is None or e.kind in ("started", "resumed", "warning", "rig error", "refused", "abandoned"):
+        if self.live is None or e.kind in ("rig", "started", "resumed", "warning", "rig error", "refused", "abandoned"):
             self.out.print(e.text(), highlight=False, markup=False, soft_wrap=True)
         if self.live is not None:
             self.live.update(self._table(), refresh=True)
@@ -133,9 +133,7 @@ def run(
     batch: Annotated[int | None, typer.Option(help="Experiments in flight at once (default: \\[loop] batch).")] = None,
     rig: Annotated[
         str | None,
-        typer.Option(
-            "--rig", help="Rig adapter instead of campaign.toml's: simulated, manual, http, package.module:Class."
-        ),
+        typer.Option("--rig", help="Rig adapter instead of campaign.toml's: simulated, manual, http or module:Class."),
     ] = None,
     stop_on_hit: Annotated[
         bool | None,

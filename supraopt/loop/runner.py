@@ -20,7 +20,7 @@ from supraopt.loop.dispatch import fill
 from supraopt.loop.events import Event, Progress, RunSummary, StopReason
 from supraopt.loop.rigcall import crash_point
 from supraopt.loop.state import Flight, RigCalls, Runner, Stop
-from supraopt.rigs import load_rig
+from supraopt.rigs import adapter_origin, load_rig
 from supraopt.rigs.base import Rig
 
 RUN_LOG = "run.log"
@@ -76,8 +76,8 @@ def run(
     """Open the campaign in ``directory``, load its rig and run the loop (what ``supraopt run`` does).
 
     ``adapter`` overrides the campaign's ``[rig] adapter``; the ``[rig.options]`` table is passed only
-    when the adapter is the campaign's own. A dotted-path adapter is also looked up in the current
-    folder and in the campaign folder.
+    when the adapter is the campaign's own. A ``module:Class`` adapter is also looked up in the
+    current folder and in the campaign folder.
     """
     directory = Path(directory)
     with Campaign.open(directory) as campaign:
@@ -85,6 +85,8 @@ def run(
         name = adapter or configured.adapter
         options = dict(configured.options) if name == configured.adapter else {}
         rig = load_rig(name, options, directory)
+        if ":" in name and progress is not None:  # a user's module: say which file answered to the name
+            progress(Event("rig", message=f"adapter {name} loaded from {adapter_origin(rig)}"))
         return run_campaign(
             campaign,
             rig,
