@@ -50,7 +50,8 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
         cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
     elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
         _extend_import_path(campaign_dir)
-        cls = _import_class(adapter, *adapter.split(":"), searched=_adapter_folders(campaign_dir))
+        module_name, class_name = adapter.split(":")
+        cls = _import_class(adapter, module_name, class_name, searched=_adapter_folders(campaign_dir))
     else:
         module, dot, name = adapter.rpartition(".")
         hint = f" (did you mean '{module}:{name}'?)" if dot and module and name and ":" not in adapter else ""
