@@ -109,13 +109,25 @@ class CampaignStatus:
     hit: bool
     experiments: list[Experiment] = field(default_factory=list)
 
+    @property
+    def first_hit(self) -> Experiment | None:
+        """The hit whose result was recorded first (in a batch, not necessarily the lowest id)."""
+        hits = [e for e in self.experiments if self.is_hit(e)]
+        return min(hits, key=lambda e: e.updated_at, default=None)
+
+    def is_hit(self, e: Experiment) -> bool:
+        m = e.measurement
+        return e.status is Status.DONE and m is not None and self.target.is_hit(m.diameter_nm, m.pdi_pct)
+
     def to_json(self) -> dict[str, Any]:
+        first = self.first_hit
         return {
             "target": self.target.__dict__,
             "counts": self.counts,
             "hit": self.hit,
             "best": None if self.best is None else experiment_json(self.best),
-            "experiments": [experiment_json(e) for e in self.experiments],
+            "first_hit": None if first is None else first.id,
+            "experiments": [{**experiment_json(e), "hit": self.is_hit(e)} for e in self.experiments],
         }
 
 

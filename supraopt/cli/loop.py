@@ -46,7 +46,7 @@ class RunProgress:
             self.best = f"{e.best.experiment_id}: {e.best.diameter_nm:.0f} nm, PDI {e.best.pdi_pct:.1f} %"
         if e.experiment_id is not None:
             row = self.rows.setdefault(e.experiment_id, [e.experiment_id, *[""] * 10])
-            if e.kind == "suggested":
+            if e.kind in ("suggested", "resuming"):
                 p = e.prediction
                 row[1:4] = settings_text(e.settings)
                 if p:

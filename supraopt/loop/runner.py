@@ -120,7 +120,8 @@ def drive(r: Runner) -> RunSummary:
             left = r.open_in_flight()
             how = "run the same command again to resume"
             if left:
-                text = f"interrupted with {', '.join(left)} in flight (kept in the ledger); {how}: they are polled, not resubmitted."
+                they = "it is" if len(left) == 1 else "they are"
+                text = f"interrupted with {', '.join(left)} in flight (kept in the ledger); {how}: {they} polled, not resubmitted."
             else:
                 text = f"interrupted; {how}."
             return r.finish(StopReason.INTERRUPTED, text)
@@ -130,6 +131,8 @@ def drive(r: Runner) -> RunSummary:
 
 def step(r: Runner) -> None:
     r.refresh()
+    if collect_ready(r):  # results the rig already has count before anything new is suggested
+        r.refresh()
     s = r.settings
     stopping = s.stop_on_hit and r.hit
     if not stopping:
@@ -138,21 +141,28 @@ def step(r: Runner) -> None:
             fill(r, room)
     if not r.flights:
         if stopping:
-            best = r.best
-            assert best is not None
+            first = r.campaign.status().first_hit
+            m = first.measurement if first is not None else None
+            assert first is not None and m is not None
             raise Stop(
                 StopReason.HIT,
-                f"target hit by {best.experiment_id} ({best.diameter_nm:.0f} nm, PDI {best.pdi_pct:.1f} %) "
-                f"after {r.finished} experiment(s).",
+                f"target hit by {first.id} ({m.diameter_nm:.0f} nm, PDI {m.pdi_pct:.1f} %), the first hit; "
+                f"{r.finished} experiment(s) finished.",
             )
         if r.finished >= s.budget:
             verdict = "target hit" if r.hit else "target not hit"
             raise Stop(StopReason.BUDGET, f"budget of {s.budget} experiment(s) spent; {verdict}.")
-    now = r.clock()
-    for flight in sorted(r.flights.values(), key=lambda f: f.experiment.created_at):
-        if flight.due <= now and flight.id in r.flights:
-            poll(r, flight)
     wait(r)
+
+
+def collect_ready(r: Runner) -> bool:
+    """Poll every experiment whose poll is due (oldest first); True when any was polled."""
+    now = r.clock()
+    due = [f for f in sorted(r.flights.values(), key=lambda f: f.experiment.created_at) if f.due <= now]
+    for flight in due:
+        if flight.id in r.flights:
+            poll(r, flight)
+    return bool(due)
 
 
 def wait(r: Runner) -> None:
