@@ -278,7 +278,7 @@ def test_cli_demo_runs_to_the_target_and_resumes(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 0, result.output
     [directory] = tmp_path.glob("supraopt-demo-*")
     assert f"Demo campaign in {directory}" in result.output
-    assert "Stopped: target hit by" in result.output and "Hit: E0" in result.output
+    assert "Stopped: target hit by" in result.output and "Best hit (closest to the target): E0" in result.output
     assert f"Ledger: {directory / 'ledger.sqlite'}" in result.output
     again = runner.invoke(app, ["demo", str(directory)])
     assert again.exit_code == 0, again.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """stdout was closed (``| head``): print nothing more, and let the caller decide (Rich would exit)."""
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise BrokenPipeError("stdout was closed")
+
+
+console = _Console()
 err_console = Console(stderr=True)
 
 CampaignDir = Annotated[Path, typer.Argument(help="Campaign folder (holds campaign.toml and the ledger).")]
@@ -79,4 +92,6 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted.")
         code = 130
+    except BrokenPipeError:  # 'supraopt status DIR | head -1': the reader has all it wanted
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

@@ -22,11 +22,26 @@ class RunProgress:
 
     ROWS_SHOWN = 20
 
-    def __init__(self, out: Console) -> None:
+    def __init__(self, out: Console, directory: Path | None = None) -> None:
         self.out = out
+        self.directory = directory
         self.rows: dict[str, list[str]] = {}
         self.best = "no measurement yet"
         self.live: Any = None
+        self.closed = False
+        """stdout was closed (``supraopt run DIR | head -2``): the run goes on without printing."""
+
+    def print(self, text: str) -> None:
+        """One line on stdout; a closed stdout (broken pipe) is reported once on stderr, then ignored."""
+        if self.closed:
+            return
+        try:
+            self.out.print(text, highlight=False, markup=False, soft_wrap=True)
+        except BrokenPipeError:
+            self.closed = True
+            silence_stdout()
+            log = f"; its progress goes on in {self.directory / 'run.log'}" if self.directory else ""
+            err_console.print(f"stdout was closed (broken pipe): the run keeps going without printing{log}.")
 
     def __enter__(self) -> RunProgress:
         if self.out.is_terminal:
@@ -62,7 +77,7 @@ class RunProgress:
         if e.kind == "stopped":
             return  # the command prints the summary itself
         if self.live is None or e.kind in ("rig", "started", "resumed", "warning", "rig error", "refused", "abandoned"):
-            self.out.print(e.text(), highlight=False, markup=False, soft_wrap=True)
+            self.print(e.text())
         if self.live is not None:
             self.live.update(self._table(), refresh=True)
 
@@ -83,8 +98,27 @@ class RunProgress:
         return table
 
 
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so later prints (and Python's flush at exit) do not fail again."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def print_run_summary(directory: Path, summary: Any) -> None:
     """The runner's final word: why it stopped, what it achieved, where the data is."""
+    try:
+        _print_run_summary(directory, summary)
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def _print_run_summary(directory: Path, summary: Any) -> None:
     from supraopt.spec import load_spec
 
     spec = load_spec(directory)
@@ -95,7 +129,8 @@ def print_run_summary(directory: Path, summary: Any) -> None:
     if summary.best is not None:
         b = summary.best
         line += (
-            f" {'Hit' if summary.hit else 'Best'}: {b.experiment_id} at {b.diameter_nm:.0f} nm "
+            f" {'Best hit (closest to the target)' if summary.hit else 'Closest to the target'}: "
+            f"{b.experiment_id} at {b.diameter_nm:.0f} nm "
             f"(target {t.diameter_nm:g} nm ± {t.tolerance:.0%}), PDI {b.pdi_pct:.1f} % (ceiling {t.pdi_max_pct:g} %)."
         )
     console.print(line, highlight=False, soft_wrap=True)
@@ -150,7 +185,7 @@ def run(
     """
     from supraopt.loop import run as run_loop
 
-    with interrupt_exit(), user_errors(), RunProgress(console) as progress:
+    with interrupt_exit(), user_errors(), RunProgress(console, directory) as progress:
         summary = run_loop(
             directory,
             rig,
@@ -201,7 +236,7 @@ def demo(
                 soft_wrap=True,
             )
             budget = None
-        with RunProgress(console) as progress:
+        with RunProgress(console, directory) as progress:
             summary = run_loop(directory, budget=budget, progress=progress)
     print_run_summary(directory, summary)
     raise typer.Exit(code=summary.exit_code)
