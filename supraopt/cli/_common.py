@@ -72,7 +72,26 @@ def settings_text(settings: dict[str, float]) -> list[str]:
     ]
 
 
-SETTING_HEADERS = ["c (mg/mL)", "Q_c/Q_d", "T (°C)"]
+SETTING_HEADERS = ["c", "r", "T"]
+SETTINGS_LEGEND = "c: NC concentration, mg/mL · r: flow-rate ratio Q_c/Q_d · T: temperature, °C"
+
+
+def compact_table(headers: list[str], title: str = "") -> Any:
+    """A table whose header names stay whole in an 80-column terminal: short names, units in a legend
+    printed under it (:func:`print_legend`)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True)
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=header == headers[0], min_width=len(header))
+    return table
+
+
+def print_legend(*lines: str) -> None:
+    """What a table's short column names mean, under the table, wrapped at the terminal's width."""
+    for line in lines:
+        console.print(line, style="dim", highlight=False)
 
 
 def main() -> None:

@@ -7,15 +7,17 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from supraopt.cli._common import (
     SETTING_HEADERS,
+    SETTINGS_LEGEND,
     CampaignDir,
     app,
+    compact_table,
     console,
     fmt,
     open_campaign,
+    print_legend,
     settings_text,
     user_errors,
 )
@@ -67,11 +69,10 @@ def suggest(
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
-    table = Table(
-        title=f"Next experiment(s) for {target.diameter_nm:g} nm ± {target.tolerance:.0%}, PDI ≤ {target.pdi_max_pct:g} %"
+    table = compact_table(
+        ["id", *SETTING_HEADERS, "pred. d", "pred. PDI", "P(feas.)", "P(hit)"],
+        f"Next experiment(s) for {target.diameter_nm:g} nm ± {target.tolerance:.0%}, PDI ≤ {target.pdi_max_pct:g} %",
     )
-    for header in ["id", *SETTING_HEADERS, "predicted d (nm)", "PDI (%)", "P(feasible)", "P(hit)"]:
-        table.add_column(header, justify="right")
     for s in suggestions:
         p = s.prediction
         table.add_row(
@@ -83,6 +84,11 @@ def suggest(
             f"{p['p_hit']:.2f}",
         )
     console.print(table)
+    print_legend(
+        SETTINGS_LEGEND,
+        "pred. d: predicted SP diameter ± sd, nm · pred. PDI: predicted polydispersity ± sd, %",
+        "P(feas.): probability the run gives supraparticles · P(hit): probability it hits the target",
+    )
     first = suggestions[0].experiment_id
     console.print(f"When measured: supraopt record {directory} {first} --diameter-nm X --pdi Y --n-particles N")
 
@@ -156,9 +162,10 @@ def status(
         print(json.dumps(state.to_json(), indent=2, default=str))
         return
     t = state.target
-    table = Table(title=f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %")
-    for header in ["id", "status", *SETTING_HEADERS, "predicted d (nm)", "measured d (nm)", "PDI (%)", "hit"]:
-        table.add_column(header, justify="right")
+    table = compact_table(
+        ["id", "status", *SETTING_HEADERS, "pred. d", "d", "PDI", "hit"],
+        f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %",
+    )
     for e in state.experiments:
         m = e.measurement
         measured = fmt(m.diameter_nm, 0) if m else (e.failure.reason if e.failure else "")
@@ -173,6 +180,10 @@ def status(
             hit,
         )
     console.print(table)
+    print_legend(
+        SETTINGS_LEGEND,
+        "pred. d: predicted SP diameter, nm · d: measured diameter, nm (or why it failed) · PDI: measured, %",
+    )
     counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts.items())) or "no experiments yet"
     console.print(f"Experiments: {counts}.")
     if state.best is not None and state.best.measurement is not None:
