@@ -51,7 +51,10 @@ def short_cv_name(column: object) -> str:
 
 @app.command("fit")
 def fit_command(
-    data: Annotated[Path, typer.Argument(help="Past runs: a CSV or Parquet file, one run per row.")],
+    data: Annotated[Path, typer.Argument(help="Past runs: a CSV, Parquet or Excel .xlsx file, one run per row.")],
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="With an .xlsx file: the sheet to read (default: the first).")
+    ] = None,
     model: Annotated[str, typer.Option(help="Physics preset whose constants and priors the fit starts from.")] = (
         "cspbbr3-flow-focusing"
     ),
@@ -90,7 +93,7 @@ def fit_command(
         if into is not None:
             check_new_campaign_dir(into)
         preset = Preset.load(model)
-        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"))
+        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"), sheet)
         read = Table(title=f"Columns read from {data}", title_justify="left")
         for header in ("field", "column", "unit"):
             read.add_column(header)
