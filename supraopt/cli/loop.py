@@ -98,6 +98,16 @@ class RunProgress:
         return table
 
 
+def small_problem_threads(directory: Path, budget: int | None) -> None:
+    """One torch thread when the campaign stays small (see :mod:`supraopt.torchfast`)."""
+    from supraopt.campaign import Campaign
+    from supraopt.torchfast import threads_for
+
+    with Campaign.open(directory) as campaign:
+        runs = len(campaign.ledger.experiments()) + (budget or campaign.spec.loop.budget)
+    threads_for(runs)
+
+
 def silence_stdout() -> None:
     """Point stdout at /dev/null, so later prints (and Python's flush at exit) do not fail again."""
     import os
@@ -186,6 +196,7 @@ def run(
     from supraopt.loop import run as run_loop
 
     with interrupt_exit(), user_errors(), RunProgress(console, directory) as progress:
+        small_problem_threads(directory, budget)
         summary = run_loop(
             directory,
             rig,
@@ -237,6 +248,7 @@ def demo(
             )
             budget = None
         with RunProgress(console, directory) as progress:
+            small_problem_threads(directory, budget)
             summary = run_loop(directory, budget=budget, progress=progress)
     print_run_summary(directory, summary)
     raise typer.Exit(code=summary.exit_code)
