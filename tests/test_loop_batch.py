@@ -99,3 +99,23 @@ def test_results_ready_at_the_rig_are_collected_before_a_refill(campaign: Campai
                 f"{event.experiment_id} suggested at t={now} before {ready - measured} was collected"
             )
     assert suggestions == 4 and len(measured) == 4
+
+
+@pytest.mark.parametrize(("batch", "words"), [(1, "E001 in flight (kept in the ledger); run the same command again to resume: it is polled"), (2, "E001, E002 in flight (kept in the ledger); run the same command again to resume: they are polled")])  # fmt: skip
+def test_the_ctrl_c_message_agrees_in_number(campaign: Campaign, batch: int, words: str) -> None:
+    time = FakeTime()
+    rig = ScriptedRig(time, [100.0], [MISS])
+    submitted: list[str] = []
+
+    def interrupt(event: Event) -> None:
+        if event.kind == "submitted":
+            submitted.append(event.experiment_id or "")
+            if len(submitted) == batch:
+                raise KeyboardInterrupt
+
+    summary = run_campaign(
+        campaign, rig, budget=4, batch=batch, poll_interval_s=10.0, progress=interrupt, sleep=time.sleep,
+        clock=time.clock,
+    )  # fmt: skip
+    assert summary.reason is StopReason.INTERRUPTED
+    assert words in summary.message
