@@ -44,3 +44,27 @@ def test_fit_tables_show_parameter_names_whole(tmp_path: Path) -> None:
     for name in SIZE_PARAMETERS + PDI_PARAMETERS:
         assert f"  {name}  " in shown, name
     assert "sd ratio: fitted sd / prior sd" in " ".join(shown.split())
+
+
+def test_the_run_table_keeps_its_headers_with_a_long_failure_reason() -> None:
+    from rich.console import Console
+
+    from supraopt.cli.loop import RunProgress
+    from supraopt.loop.events import Event
+
+    import io
+
+    quiet = Console(width=80, file=io.StringIO())  # the event lines are not checked here
+    progress = RunProgress(quiet)
+    prediction = {"diameter_nm": 1450, "diameter_sd_nm": 120, "pdi_pct": 5.5, "p_hit": 0.77}
+    progress(Event("suggested", "E001", {**SETTINGS, "flow_ratio": 13.25}, prediction))
+    progress(Event("failed", "E001", result=Failure("droplets unstable, jetting at the nozzle")))
+    progress(Event("suggested", "E002", SETTINGS, prediction))
+    progress(Event("measured", "E002", result=Measurement(diameter_nm=1451.0, pdi_pct=12.3), hit=False))
+    out = Console(width=80, record=True, file=io.StringIO())
+    out.print(progress._table())
+    shown = out.export_text()
+    assert "…" not in shown
+    header = next(line for line in shown.splitlines() if line.split()[:1] == ["id"])
+    assert header.split() == ["id", "c", "r", "T", "pred.", "d", "PDI", "P(hit)", "status", "d", "PDI", "hit"]
+    assert "1450±120" in shown and "measured" in shown and "13.25" in shown

@@ -91,8 +91,11 @@ class RunProgress:
             show_edge=False,
             collapse_padding=True,
         )
-        for header in ["id", "c", "r", "T", "pred. d", "PDI", "P(hit)", "status", "d", "PDI", "hit"]:
-            table.add_column(header, justify="right", no_wrap=True)
+        for i, header in enumerate(["id", "c", "r", "T", "pred. d", "PDI", "P(hit)", "status", "d", "PDI", "hit"]):
+            if i == 8:  # measured d, or why the run failed: the one column that wraps in a narrow terminal
+                table.add_column(header, justify="right", max_width=18, overflow="fold")
+            else:
+                table.add_column(header, justify="right", no_wrap=True)
         for row in list(self.rows.values())[-self.ROWS_SHOWN :]:
             table.add_row(*row)
         return table
