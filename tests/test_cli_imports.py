@@ -45,7 +45,7 @@ runner = CliRunner()
 for args in commands:
     result = runner.invoke(app, args)
     loaded = [name for name in HEAVY if name in sys.modules]
-    report.append({"args": args[:1] + args[2:3], "exit": result.exit_code, "output": result.output[-300:], "heavy": loaded})
+    report.append({"args": args[:1] + args[2:3], "exit": result.exit_code, "output": result.output[-4000:], "heavy": loaded})
 print(json.dumps(report))
 """
 

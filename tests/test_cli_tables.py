@@ -47,12 +47,12 @@ def test_fit_tables_show_parameter_names_whole(tmp_path: Path) -> None:
 
 
 def test_the_run_table_keeps_its_headers_with_a_long_failure_reason() -> None:
+    import io
+
     from rich.console import Console
 
     from supraopt.cli.loop import RunProgress
     from supraopt.loop.events import Event
-
-    import io
 
     quiet = Console(width=80, file=io.StringIO())  # the event lines are not checked here
     progress = RunProgress(quiet)
