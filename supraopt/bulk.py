@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
 from supraopt.errors import InputError, SupraoptError
 from supraopt.ledger import OPEN, BatchRow
 from supraopt.paths import check_input_file
 from supraopt.records import PARAMETERS, Failure, Measurement
+from supraopt.tables import Table, read_rows
 
 if TYPE_CHECKING:
     from supraopt.campaign import Campaign
@@ -45,19 +44,10 @@ def _blank(value: Any) -> bool:
     )
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read a CSV, with a one-line error when it cannot be parsed."""
+def read_table(path: Path, sheet: str | None = None) -> Table:
+    """Read a CSV (or an .xlsx sheet) as text cells, with a one-line error when it cannot be parsed."""
     check_input_file(path, "CSV file")
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except FileNotFoundError:
-        raise InputError(f"CSV file {path} does not exist.") from None
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as error:
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"CSV file {path} cannot be read: {first}.") from None
-    except OSError as error:
-        raise InputError(f"CSV file {path} cannot be read ({error.strerror or error}).") from None
-    return frame
+    return read_rows(path, sheet)
 
 
 def _number(row: int, column: str, raw: str, integer: bool = False) -> float | int | None:
@@ -130,19 +120,19 @@ def _rows_text(rows: list[int]) -> str:
     return shown + (f" and {len(rows) - 5} more" if len(rows) > 5 else "")
 
 
-def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse") -> ImportReport:
-    """Validate every row of ``path``, then record them all in one transaction."""
+def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet: str | None = None) -> ImportReport:
+    """Validate every row of ``path`` (CSV or .xlsx), then record them all in one transaction."""
     if duplicates not in DUPLICATES:
         raise InputError(f"duplicates={duplicates!r} must be one of {', '.join(DUPLICATES)}.")
-    frame = read_table(path)
+    frame = read_table(path, sheet)
     unknown = set(frame.columns) - KNOWN
     if unknown:
         raise InputError(
             f"CSV file {path}: unknown column(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(KNOWN))}."
         )
-    if frame.empty:
+    if not frame.rows:
         raise InputError(f"CSV file {path} has no rows.")
-    records: list[dict[str, str]] = frame.to_dict("records")  # type: ignore[assignment]
+    records = frame.rows
     parsed = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
     digests = [row_digest(*row) for row in parsed]
     rows = list(enumerate(zip(parsed, digests, strict=True), start=2))

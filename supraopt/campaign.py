@@ -15,16 +15,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch.quasirandom import SobolEngine
-
-from supraopt import physics
-from supraopt.acquisition import HitProbability, propose
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
-from supraopt.physics import Preset
+from supraopt.preset import Preset
 from supraopt.records import Failure, Measurement, Plausible, RigLimits
 from supraopt.space import SearchSpace
 from supraopt.spec import (
@@ -40,23 +35,17 @@ from supraopt.spec import (
     preset_path,
     resolve_model,
 )
-from supraopt.surrogate import (
-    DEFAULT_N_PARTICLES,
-    AlwaysFeasible,
-    Feasibility,
-    FeasibilityModel,
-    PhysicsGP,
-    ResidualPrior,
-    pdi_gp,
-    pdi_noise_var,
-    size_gp,
-    size_noise_var,
-    with_droplet_data,
-)
 
-PLAIN_SIZE_RESIDUAL = ResidualPrior(sd=0.5, noise_sd=0.02)
-PLAIN_PDI_RESIDUAL = ResidualPrior(sd=0.5, noise_sd=0.08)
-"""Residual priors of the physics-free GPs: they must explain everything, so they start wide."""
+if TYPE_CHECKING:  # torch, BoTorch and the models load only when something is fitted (status needs none)
+    import torch
+
+    from supraopt.acquisition import HitProbability
+    from supraopt.surrogate import Feasibility, PhysicsGP, ResidualPrior
+
+PLAIN_SIZE_RESIDUAL = {"sd": 0.5, "noise_sd": 0.02}
+PLAIN_PDI_RESIDUAL = {"sd": 0.5, "noise_sd": 0.08}
+"""Residual priors (:class:`~supraopt.surrogate.ResidualPrior` fields) of the physics-free GPs: they must
+explain everything, so they start wide."""
 
 MIN_PDI_PCT = 0.3
 """Floor under measured PDI values before taking logs (a 0 % CV is a measuring artefact)."""
@@ -90,6 +79,9 @@ class ModelOptions:
 
 def constant_gp(space: SearchSpace, log_center: float, residual: ResidualPrior) -> PhysicsGP:
     """A GP with an (integrated-out) constant mean and a Matérn residual: no physics at all."""
+    import torch
+
+    from supraopt.surrogate import PhysicsGP
 
     def fn(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
         return theta[..., :1] + 0.0 * x[..., 0]
@@ -119,13 +111,25 @@ class CampaignStatus:
     hit: bool
     experiments: list[Experiment] = field(default_factory=list)
 
+    @property
+    def first_hit(self) -> Experiment | None:
+        """The hit whose result was recorded first (in a batch, not necessarily the lowest id)."""
+        hits = [e for e in self.experiments if self.is_hit(e)]
+        return min(hits, key=lambda e: e.updated_at, default=None)
+
+    def is_hit(self, e: Experiment) -> bool:
+        m = e.measurement
+        return e.status is Status.DONE and m is not None and self.target.is_hit(m.diameter_nm, m.pdi_pct)
+
     def to_json(self) -> dict[str, Any]:
+        first = self.first_hit
         return {
             "target": self.target.__dict__,
             "counts": self.counts,
             "hit": self.hit,
             "best": None if self.best is None else experiment_json(self.best),
-            "experiments": [experiment_json(e) for e in self.experiments],
+            "first_hit": None if first is None else first.id,
+            "experiments": [{**experiment_json(e), "hit": self.is_hit(e)} for e in self.experiments],
         }
 
 
@@ -262,6 +266,21 @@ class Campaign:
 
     def fit(self, experiments: Sequence[Experiment] | None = None) -> Surrogates:
         """Fit the surrogates to the ledger (or to the given experiments)."""
+        import torch
+
+        from supraopt.acquisition import HitProbability
+        from supraopt.surrogate import (
+            DEFAULT_N_PARTICLES,
+            AlwaysFeasible,
+            FeasibilityModel,
+            ResidualPrior,
+            pdi_gp,
+            pdi_noise_var,
+            size_gp,
+            size_noise_var,
+            with_droplet_data,
+        )
+
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
         failed = [e for e in experiments if e.status is Status.FAILED and e.failure is not None]
@@ -286,8 +305,10 @@ class Campaign:
             )
             size, pdi_model = size_gp(preset, self.space), pdi_gp(self.preset, self.space)
         else:
-            size = constant_gp(self.space, math.log(self.spec.target.diameter_nm), PLAIN_SIZE_RESIDUAL)
-            pdi_model = constant_gp(self.space, math.log(self.spec.target.pdi_max_pct), PLAIN_PDI_RESIDUAL)
+            size = constant_gp(self.space, math.log(self.spec.target.diameter_nm), ResidualPrior(**PLAIN_SIZE_RESIDUAL))
+            pdi_model = constant_gp(
+                self.space, math.log(self.spec.target.pdi_max_pct), ResidualPrior(**PLAIN_PDI_RESIDUAL)
+            )
         size.fit(z_done, torch.log(diam), size_noise)
         pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
         ok = self.space.tensor([e.settings for e in done])
@@ -306,6 +327,8 @@ class Campaign:
 
     def propose(self, n: int = 1, experiments: Sequence[Experiment] | None = None) -> list[tuple[dict, dict]]:
         """Compute `n` (settings, prediction) pairs without recording them."""
+        import torch
+
         if not (isinstance(n, int) and 1 <= n <= 64):
             raise InputError(f"number of experiments n={n!r} must be an integer between 1 and 64.")
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
@@ -319,6 +342,11 @@ class Campaign:
             ) from None
 
     def _propose(self, n: int, experiments: list[Experiment]) -> list[tuple[dict, dict]]:
+        import torch
+        from torch.quasirandom import SobolEngine
+
+        from supraopt.acquisition import propose
+
         surrogates = self.fit(experiments)
         seed = (self.spec.seed * 100_003 + len(experiments)) % 2**63
         torch.manual_seed(seed)
@@ -399,6 +427,8 @@ class Campaign:
 
     def physics_posterior(self) -> dict[str, tuple[float, float, float, float]]:
         """Fitted physics parameters: name -> (posterior mean, posterior sd, prior mean, prior sd)."""
+        import torch
+
         experiments = self.ledger.experiments()
         done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
         surrogates = self.fit(experiments)
@@ -418,4 +448,4 @@ class Campaign:
         return out
 
 
-__all__ = ["Campaign", "CampaignStatus", "Suggestion", "miss_distance", "physics"]
+__all__ = ["Campaign", "CampaignStatus", "Suggestion", "miss_distance"]

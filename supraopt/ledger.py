@@ -565,8 +565,8 @@ class Ledger:
             out.append(event)
         return out
 
-    def to_frame(self) -> pd.DataFrame:
-        """One row per experiment: id, status, timestamps, settings, ``pred_*``, measurement, failure_reason, note."""
+    def table(self) -> tuple[list[str], list[list[Any]]]:
+        """Column names and one row per experiment, as plain Python values (what :meth:`to_frame` holds)."""
         experiments = self.experiments()
         setting_names = list(dict.fromkeys(name for e in experiments for name in e.settings))
         prediction_names = list(dict.fromkeys(name for e in experiments for name in e.prediction))
@@ -581,19 +581,41 @@ class Ledger:
                 + [measured.get(n) for n in _MEASUREMENT_COLUMNS]
                 + [e.failure.reason if e.failure else None, e.note]
             )
-        import pandas as pd  # only exports need it; suggest stays quicker to start
+        return columns, rows
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per experiment: id, status, timestamps, settings, ``pred_*``, measurement, failure_reason, note."""
+        columns, rows = self.table()
+        import pandas as pd  # only frames need it; status, export and suggest stay quick to start
 
         frame = pd.DataFrame(rows, columns=columns)
         return frame.astype({name: "Int64" if name == "n_particles" else float for name in _MEASUREMENT_COLUMNS})
 
     def export_csv(self, path: str | Path) -> None:
-        """Write :meth:`to_frame` to ``path`` atomically: a reader never sees a half-written file."""
+        """Write :meth:`table` to ``path`` atomically: a reader never sees a half-written file.
+
+        Written with the csv module (no pandas: export must start quickly); numbers as Python prints
+        them, measurements as floats (``n_particles`` as an integer), a missing value as an empty cell.
+        """
+        import csv
+
         path = Path(path)
-        frame = self.to_frame()
+        columns, rows = self.table()
+        measured = {name for name in _MEASUREMENT_COLUMNS if name != "n_particles"}
+
+        def cell(name: str, value: Any) -> Any:
+            if value is None:
+                return ""
+            if name in measured and isinstance(value, int | float):
+                return float(value)
+            return value
+
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         try:
             with tmp.open("x", newline="", encoding="utf-8") as handle:
-                frame.to_csv(handle, index=False)
+                writer = csv.writer(handle, lineterminator="\n")
+                writer.writerow(columns)
+                writer.writerows([cell(name, v) for name, v in zip(columns, row, strict=True)] for row in rows)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)

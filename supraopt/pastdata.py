@@ -22,6 +22,7 @@ import pandas as pd
 
 from supraopt.errors import InputError
 from supraopt.records import PARAMETERS
+from supraopt.tables import SPREADSHEETS
 
 if TYPE_CHECKING:
     from supraopt.physics import Preset
@@ -256,13 +257,29 @@ class Runs:
         return self.frame[self.frame["failed"] == ""]
 
 
-def read_table(path: Path) -> tuple[pd.DataFrame, int]:
-    """A CSV (any delimiter, '#' comment lines on top) or Parquet file as text cells, and its first data row's number."""
+def read_spreadsheet(path: Path, sheet: str | None = None) -> tuple[pd.DataFrame, int]:
+    """An Excel .xlsx sheet (the first, or ``sheet``) as text cells, and its first data row's number."""
+    from supraopt.tables import read_sheet
+
+    table = read_sheet(path, sheet)
+    frame = pd.DataFrame([[row[c] for c in table.columns] for row in table.rows], columns=table.columns, dtype=str)
+    return frame, table.first_row
+
+
+def read_table(path: Path, sheet: str | None = None) -> tuple[pd.DataFrame, int]:
+    """A CSV (any delimiter, '#' comment lines on top), Parquet or .xlsx file as text cells, and its first data row's number."""
     if not path.is_file():
         raise InputError(f"data file {path} does not exist.")
     suffix = path.suffix.lower()
-    if suffix in {".xlsx", ".xls", ".ods"}:
-        raise InputError(f"{path}: spreadsheets are not read directly; save the sheet as CSV and pass that.")
+    if suffix in SPREADSHEETS:
+        frame, first_row = read_spreadsheet(path, sheet)
+        if frame.empty:
+            raise InputError(f"{path} has no rows of data.")
+        return frame, first_row
+    if sheet is not None:
+        raise InputError(f"--sheet {sheet!r} only applies to .xlsx files, not {path}.")
+    if suffix in {".xls", ".ods"}:
+        raise InputError(f"{path}: only .xlsx workbooks are read; save the sheet as .xlsx or CSV and pass that.")
     try:
         if suffix in {".parquet", ".pq"}:
             frame = pd.read_parquet(path).astype(str).replace({"nan": "", "None": "", "<NA>": ""})
@@ -369,22 +386,24 @@ def read_runs(
     preset: Preset,
     mapping: Mapping[str, str] | None = None,
     units: Mapping[str, str] | None = None,
+    sheet: str | None = None,
 ) -> Runs:
     """Read past runs: map columns, convert units, check every cell a fit will use.
 
     Args:
-        path: CSV or Parquet file, one run per row.
+        path: CSV, Parquet or Excel .xlsx file, one run per row.
         preset: supplies the NC density (for volume fractions), the nozzle width (for droplet
             sizes given as d/w) and the reference temperature (when the data have none).
         mapping: field (short or canonical name) -> column, for headers supraopt does not
             recognise; an empty column name ignores a column it would pick itself.
         units: field -> unit where neither the header nor the default says it (see :data:`FIELDS`).
+        sheet: the sheet of an .xlsx workbook to read (default: the first).
     Raises:
         InputError: one sentence naming the missing column, or the row and column of the first bad cell.
     """
     path = Path(path)
     source = str(path)
-    frame, first_row = read_table(path)
+    frame, first_row = read_table(path, sheet)
     mapping = {field_named(k).column: v for k, v in (mapping or {}).items()}
     units = {field_named(k).column: v for k, v in (units or {}).items()}
     resolved = _resolve_columns(frame, source, mapping, units)

@@ -19,7 +19,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
 from supraopt.fit import MODELS, CVResult, FitResult
 from supraopt.ledger import Status
@@ -45,6 +45,10 @@ AXIS = {
 LOG_AXES = frozenset({"concentration_mg_ml", "flow_ratio", "capillary_number", "orifice_width_um", "aspect_ratio"})
 COLORS = {"physics only": "tab:blue", "GP only": "tab:gray", "physics + GP": "tab:red"}
 GRID = 60
+MAX_ERROR_BARS = 150
+"""Parity panels draw interval bars for at most this many (seeded random) runs; more are a solid blob."""
+NEAR_TEMPERATURE_C = 5.0
+"""Maps at one temperature colour only runs within this many °C of it (or a tenth of the range, if wider)."""
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -66,6 +70,10 @@ def _log_axis(ax: Any, which: str) -> None:
 
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(FuncFormatter(minor))
+    if decades < 1:  # e.g. 75-175 µm: decade ticks would label one value at most
+        ticks = [t for t in MaxNLocator(nbins=5, steps=[1, 2, 2.5, 5, 10]).tick_values(low, high) if low <= t <= high]
+        axis.set_major_locator(FixedLocator(ticks))
+        axis.set_minor_locator(NullLocator())
 
 
 def _name(outcome: str) -> str:
@@ -86,11 +94,17 @@ def parity(cv: CVResult, outcome: str) -> Figure:
         g = data[data["model"] == model]
         rmse = float(np.sqrt(((g["predicted"] - g["measured"]) ** 2).mean()))
         inside = float(((g["measured"] >= g["lower90"]) & (g["measured"] <= g["upper90"])).mean())
-        bars = np.vstack([g["predicted"] - g["lower90"], g["upper90"] - g["predicted"]])
+        many = len(g) > MAX_ERROR_BARS
+        shown = g.sample(MAX_ERROR_BARS, random_state=0) if many else g
+        bars = np.vstack([shown["predicted"] - shown["lower90"], shown["upper90"] - shown["predicted"]])
         ax.errorbar(
-            g["measured"], g["predicted"], yerr=bars, fmt="o", ms=3.5, color=COLORS[model], ecolor=COLORS[model],
-            elinewidth=0.7, alpha=0.75, label=f"{model}: RMSE {rmse:.3g} {unit}, {inside:.0%} of runs in the 90 % interval",
+            shown["measured"], shown["predicted"], yerr=bars, fmt="o", ms=3.5, color=COLORS[model],
+            ecolor=COLORS[model], elinewidth=0.7, alpha=0.75,
+            label=f"{model}: RMSE {rmse:.3g} {unit}, {inside:.0%} of runs in the 90 % interval"
+            + (f" (bars on {MAX_ERROR_BARS} random runs)" if many else ""),
         )  # fmt: skip
+        if many:  # every run as a small dot, the bars on a sample only
+            ax.scatter(g["measured"], g["predicted"], s=4, color=COLORS[model], alpha=0.3, lw=0, gid="all-runs")
         ax.plot([low, high], [low, high], color="black", lw=1, ls="--", label="predicted = measured")
         if log:
             _log_axis(ax, "x")
@@ -167,6 +181,11 @@ def maps(
             )
         if feasibility is not None:
             panels.append(("feasible", "P(run gives usable SPs)", feasibility.prob(z).numpy(), "RdYlGn"))
+    low_t, high_t = space.bounds["temperature_c"]
+    near_c = max(NEAR_TEMPERATURE_C, 0.1 * (high_t - low_t))
+    near = (runs["temperature_c"] - temperature_c).abs() <= near_c
+    far = runs[~near]
+    runs = runs[near]
     ok = runs[runs["failed"] == ""]
     failed = runs[runs["failed"] != ""]
     figure = _figure(5.6 * len(panels), 5.0)
@@ -193,6 +212,16 @@ def maps(
         if len(failed):
             ax.scatter(failed["concentration_mg_ml"], failed["flow_ratio"], marker="x", s=40, c="red", lw=1.6)
             handles.append(Line2D([], [], marker="x", ls="", color="red", mew=1.6, label="failed run"))
+        if len(far):  # their values belong to another temperature: position only, not coloured
+            ax.scatter(
+                far["concentration_mg_ml"], far["flow_ratio"], s=18, facecolors="none", edgecolors="dimgray",
+                lw=0.8, alpha=0.7, gid="far-runs",
+            )  # fmt: skip
+            handles.append(
+                Line2D(
+                    [], [], marker="o", ls="", mfc="none", mec="dimgray", label=f"run > {near_c:g} °C away (any result)"
+                )
+            )
         _log_axis(ax, "x")
         _log_axis(ax, "y")
         ax.set_xlabel(AXIS["concentration_mg_ml"])
@@ -200,7 +229,10 @@ def maps(
         ax.set_title(label)
         if handles:  # below the panel, where it hides no run
             ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
-    figure.suptitle(f"{title}: model maps at {temperature_c:.0f} °C (runs at every temperature overlaid)")
+    figure.suptitle(
+        f"{title}: model maps at {temperature_c:.0f} °C (runs within ± {near_c:g} °C shown with their results, "
+        "others as grey rings)"
+    )
     return figure
 
 

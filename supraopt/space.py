@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
 
 from supraopt.errors import InputError
 from supraopt.records import PARAMETERS, UNITS
@@ -25,6 +28,12 @@ class SearchSpace:
 
     def __init__(self, bounds: Mapping[str, tuple[float, float]]) -> None:
         self.bounds = {name: (float(bounds[name][0]), float(bounds[name][1])) for name in PARAMETERS}
+
+    @cached_property
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Low end, width and log flags as tensors, made on first use: validation needs no torch."""
+        import torch
+
         lows, highs = [], []
         for name in PARAMETERS:
             low, high = self.bounds[name]
@@ -32,10 +41,13 @@ class SearchSpace:
                 low, high = math.log(low), math.log(high)
             lows.append(low)
             highs.append(high)
-        self._low = torch.tensor(lows, dtype=torch.double)
-        width = torch.tensor(highs, dtype=torch.double) - self._low
-        self._width = torch.where(width > 0, width, torch.ones_like(width))
-        self._log = torch.tensor([name in LOG_SCALED for name in PARAMETERS])
+        low_t = torch.tensor(lows, dtype=torch.double)
+        width = torch.tensor(highs, dtype=torch.double) - low_t
+        return (
+            low_t,
+            torch.where(width > 0, width, torch.ones_like(width)),
+            torch.tensor([name in LOG_SCALED for name in PARAMETERS]),
+        )
 
     @property
     def dim(self) -> int:
@@ -43,16 +55,24 @@ class SearchSpace:
 
     def to_unit(self, x: Tensor) -> Tensor:
         """Map a `... x 3` tensor of physical settings to the unit cube."""
-        warped = torch.where(self._log, torch.log(x.clamp_min(1e-300)), x)
-        return (warped - self._low) / self._width
+        import torch
+
+        low, width, log = self._tensors
+        warped = torch.where(log, torch.log(x.clamp_min(1e-300)), x)
+        return (warped - low) / width
 
     def from_unit(self, z: Tensor) -> Tensor:
         """Map a `... x 3` tensor of unit-cube points back to physical settings."""
-        warped = self._low + z * self._width
-        return torch.where(self._log, torch.exp(warped), warped)
+        import torch
+
+        low, width, log = self._tensors
+        warped = low + z * width
+        return torch.where(log, torch.exp(warped), warped)
 
     def tensor(self, settings: Sequence[Mapping[str, float]]) -> Tensor:
         """Stack settings dicts into an `n x 3` double tensor (physical units)."""
+        import torch
+
         return torch.tensor([[float(s[name]) for name in PARAMETERS] for s in settings], dtype=torch.double).reshape(
             -1, self.dim
         )

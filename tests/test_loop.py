@@ -133,7 +133,10 @@ def test_resume_after_a_normal_stop_and_reuse_pending_suggestions(campaign: Camp
     first = run_campaign(campaign, rig, budget=2, stop_on_hit=False, poll_interval_s=0, progress=events.append)
     assert first.reason is StopReason.BUDGET and first.experiments_used == 2
     assert next(e.experiment_id for e in events if e.kind == "submitted") == pending.experiment_id
-    assert next(e.message for e in events if e.kind == "suggested") == "(pending in the ledger)"
+    resuming = next(e for e in events if e.kind == "resuming")
+    assert resuming.experiment_id == pending.experiment_id and resuming.message == "(pending in the ledger)"
+    assert resuming.text().startswith(f"resuming {pending.experiment_id}: concentration_mg_ml=")
+    assert not [e for e in events if e.kind == "suggested" and e.experiment_id == pending.experiment_id]
     again = run_campaign(campaign, rig, budget=2, stop_on_hit=False, poll_interval_s=0)
     assert again.reason is StopReason.BUDGET and sum(rig.submits.values()) == 2  # nothing new dispatched
     more = run_campaign(campaign, rig, budget=4, stop_on_hit=False, poll_interval_s=0)
@@ -275,7 +278,7 @@ def test_cli_demo_runs_to_the_target_and_resumes(tmp_path: Path, monkeypatch: py
     assert result.exit_code == 0, result.output
     [directory] = tmp_path.glob("supraopt-demo-*")
     assert f"Demo campaign in {directory}" in result.output
-    assert "Stopped: target hit by" in result.output and "Hit: E0" in result.output
+    assert "Stopped: target hit by" in result.output and "Best hit (closest to the target): E0" in result.output
     assert f"Ledger: {directory / 'ledger.sqlite'}" in result.output
     again = runner.invoke(app, ["demo", str(directory)])
     assert again.exit_code == 0, again.output

@@ -153,3 +153,34 @@ def test_a_module_that_fails_to_import(tmp_path: Path, monkeypatch: pytest.Monke
 def test_rig_modules_do_not_import_torch() -> None:
     code = "import sys, supraopt.rigs; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_dot_instead_of_the_colon_gets_a_hint(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match=r"'truthrig.TruthRig' \(did you mean 'truthrig:TruthRig'\?\).*'module:Class'"):
+        load_rig("truthrig.TruthRig", {}, tmp_path)
+
+
+def test_module_not_found_lists_the_folders_searched(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="module 'nowhere_rig_xyz' not found") as error:
+        load_rig("nowhere_rig_xyz:Rig", {}, tmp_path)
+    assert str(Path.cwd()) in str(error.value) and str(tmp_path.resolve()) in str(error.value)
+
+
+def test_run_says_which_file_a_user_adapter_came_from(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supraopt.campaign import Campaign
+    from supraopt.loop import run
+
+    module = tmp_path / "origin_rig_module.py"
+    module.write_text(
+        "class StopRig:\n"
+        "    def limits(self):\n        raise KeyboardInterrupt  # stop the loop before anything runs\n"
+        "    def submit(self, proposal): ...\n    def poll(self, experiment_id): ...\n"
+        "    def cancel(self, experiment_id): ...\n"
+    )
+    directory = tmp_path / "c"
+    Campaign.create(directory, "cspbbr3-flow-focusing", 450.0).close()
+    monkeypatch.chdir(tmp_path)
+    events: list[Any] = []
+    run(directory, "origin_rig_module:StopRig", progress=events.append)
+    assert events[0].kind == "rig"
+    assert events[0].text() == f"-- rig adapter origin_rig_module:StopRig loaded from {module}"

@@ -569,5 +569,5 @@ def test_rig_serve_user_errors_are_one_line(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "error: unknown rig adapter 'robot': use 'simulated', 'manual', 'http' or 'package.module:ClassName'."
+        "error: unknown rig adapter 'robot': use 'simulated', 'manual', 'http' or 'module:Class'."
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +24,19 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """stdout was closed (``| head``): print nothing more, and let the caller decide (Rich would exit)."""
+        self.quiet = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise BrokenPipeError("stdout was closed")
+
+
+console = _Console()
 err_console = Console(stderr=True)
 
 CampaignDir = Annotated[Path, typer.Argument(help="Campaign folder (holds campaign.toml and the ledger).")]
@@ -64,7 +77,26 @@ def settings_text(settings: dict[str, float]) -> list[str]:
     ]
 
 
-SETTING_HEADERS = ["c (mg/mL)", "Q_c/Q_d", "T (°C)"]
+SETTING_HEADERS = ["c", "r", "T"]
+SETTINGS_LEGEND = "c: NC concentration, mg/mL · r: flow-rate ratio Q_c/Q_d · T: temperature, °C"
+
+
+def compact_table(headers: list[str], title: str = "") -> Any:
+    """A table whose header names stay whole in an 80-column terminal: short names, units in a legend
+    printed under it (:func:`print_legend`)."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True)
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=header == headers[0], min_width=len(header))
+    return table
+
+
+def print_legend(*lines: str) -> None:
+    """What a table's short column names mean, under the table, wrapped at the terminal's width."""
+    for line in lines:
+        console.print(line, style="dim", highlight=False)
 
 
 def main() -> None:
@@ -84,4 +116,6 @@ def main() -> None:
     except typer.Abort:
         err_console.print("aborted.")
         code = 130
+    except BrokenPipeError:  # 'supraopt status DIR | head -1': the reader has all it wanted
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)

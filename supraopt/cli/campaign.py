@@ -7,16 +7,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from supraopt.cli._common import (
     SETTING_HEADERS,
+    SETTINGS_LEGEND,
     CampaignDir,
     app,
+    compact_table,
     console,
     err_console,
     fmt,
     open_campaign,
+    print_legend,
     settings_text,
     user_errors,
 )
@@ -34,9 +36,7 @@ def init(
     tolerance: Annotated[float, typer.Option(help="Relative size tolerance (0.03 = ±3 %).")] = 0.03,
     pdi_max: Annotated[float, typer.Option("--pdi-max", help="Polydispersity ceiling, % (CV of diameter).")] = 6.0,
     seed: Annotated[int, typer.Option(help="Seed: the same ledger and seed give the same suggestions.")] = 0,
-    rig: Annotated[str, typer.Option(help="Rig adapter: simulated, manual, http or package.module:Class.")] = (
-        "simulated"
-    ),
+    rig: Annotated[str, typer.Option(help="Rig adapter: simulated, manual, http or module:Class.")] = ("simulated"),
 ) -> None:
     """Create a campaign folder with its campaign.toml and an empty ledger."""
     from supraopt.campaign import Campaign
@@ -64,16 +64,18 @@ def suggest(
 ) -> None:
     """Propose the next experiment(s), print them and mark them pending in the ledger."""
     with user_errors(), open_campaign(directory) as campaign:
+        from supraopt.torchfast import threads_for
+
+        threads_for(len(campaign.ledger.experiments()))
         suggestions = campaign.suggest(n)
         target = campaign.spec.target
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
-    table = Table(
-        title=f"Next experiment(s) for {target.diameter_nm:g} nm ± {target.tolerance:.0%}, PDI ≤ {target.pdi_max_pct:g} %"
+    table = compact_table(
+        ["id", *SETTING_HEADERS, "pred. d", "pred. PDI", "P(feas.)", "P(hit)"],
+        f"Next experiment(s) for {target.diameter_nm:g} nm ± {target.tolerance:.0%}, PDI ≤ {target.pdi_max_pct:g} %",
     )
-    for header in ["id", *SETTING_HEADERS, "predicted d (nm)", "PDI (%)", "P(feasible)", "P(hit)"]:
-        table.add_column(header, justify="right")
     for s in suggestions:
         p = s.prediction
         table.add_row(
@@ -85,6 +87,11 @@ def suggest(
             f"{p['p_hit']:.2f}",
         )
     console.print(table)
+    print_legend(
+        SETTINGS_LEGEND,
+        "pred. d: predicted SP diameter ± sd, nm · pred. PDI: predicted polydispersity ± sd, %",
+        "P(feas.): probability the run gives supraparticles · P(hit): probability it hits the target",
+    )
     first = suggestions[0].experiment_id
     console.print(f"When measured: supraopt record {directory} {first} --diameter-nm X --pdi Y --n-particles N")
 
@@ -112,7 +119,12 @@ def record(
             "fractions) or 'fraction' (0.05 is stored as 5 %). Not for --csv, whose pdi_pct is percent.",
         ),
     ] = "%",
-    csv: Annotated[Path | None, typer.Option("--csv", help="Record many results from a CSV file (see README).")] = None,
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Record many results from a CSV or Excel .xlsx file (see README).")
+    ] = None,
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="With an .xlsx file: the sheet to read (default: the first).")
+    ] = None,
     skip_duplicates: Annotated[
         bool, typer.Option("--skip-duplicates", help="With --csv: leave out rows imported before, record the rest.")
     ] = False,
@@ -147,7 +159,7 @@ def record(
             if skip_duplicates and allow_duplicates:
                 raise InputError("--skip-duplicates and --allow-duplicates exclude each other; pick one.")
             duplicates = "skip" if skip_duplicates else "allow" if allow_duplicates else "refuse"
-            report = import_csv(directory, csv, duplicates)
+            report = import_csv(directory, csv, duplicates, sheet)
             skipped = f"; left out {len(report.skipped)} row(s) imported before" if report.skipped else ""
             console.print(f"Recorded {len(report.ids)} result(s) from {csv}{skipped}.", highlight=False)
             return
@@ -157,6 +169,8 @@ def record(
             raise InputError("give the experiment id (e.g. E001) or --csv FILE.")
         if pdi is not None and pdi_unit == "fraction":
             pdi = pdi * 100.0
+        if sheet is not None:
+            raise InputError(f"--sheet {sheet!r} needs --csv FILE.xlsx.")
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
             campaign.record(experiment_id, result, note=note, correct=correct)
@@ -165,7 +179,7 @@ def record(
     console.print(f"Recorded {experiment_id}{verdict}")
 
 
-def import_csv(directory: Path, csv: Path, duplicates: str) -> Any:
+def import_csv(directory: Path, csv: Path, duplicates: str, sheet: str | None = None) -> Any:
     """``record --csv``: one transaction; Ctrl-C or SIGTERM rolls it back and says that nothing was recorded."""
     import signal
 
@@ -177,7 +191,7 @@ def import_csv(directory: Path, csv: Path, duplicates: str) -> Any:
     previous = signal.signal(signal.SIGTERM, terminate)
     try:
         with open_campaign(directory) as campaign:
-            return record_csv(campaign, csv, duplicates)
+            return record_csv(campaign, csv, duplicates, sheet)
     except KeyboardInterrupt:
         err_console.print(
             f"interrupted: nothing was recorded from {csv} (an import is all or nothing); run the command again.",
@@ -222,9 +236,10 @@ def status(
         print(json.dumps(state.to_json(), indent=2, default=str))
         return
     t = state.target
-    table = Table(title=f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %")
-    for header in ["id", "status", *SETTING_HEADERS, "predicted d (nm)", "measured d (nm)", "PDI (%)", "hit"]:
-        table.add_column(header, justify="right")
+    table = compact_table(
+        ["id", "status", *SETTING_HEADERS, "pred. d", "d", "PDI", "hit"],
+        f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %",
+    )
     for e in state.experiments:
         m = e.measurement
         measured = fmt(m.diameter_nm, 0) if m else (e.failure.reason if e.failure else "")
@@ -239,6 +254,10 @@ def status(
             hit,
         )
     console.print(table)
+    print_legend(
+        SETTINGS_LEGEND,
+        "pred. d: predicted SP diameter, nm · d: measured diameter, nm (or why it failed) · PDI: measured, %",
+    )
     counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts.items())) or "no experiments yet"
     console.print(f"Experiments: {counts}.")
     if state.best is not None and state.best.measurement is not None:

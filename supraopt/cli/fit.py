@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from supraopt.cli._common import CampaignDir, app, console, open_campaign, user_errors
+from supraopt.cli._common import CampaignDir, app, console, open_campaign, print_legend, user_errors
 from supraopt.errors import InputError
 
 MAP_HELP = (
@@ -25,20 +25,36 @@ UNIT_HELP = (
 
 
 def frame_table(frame: Any, title: str, index: str | None = None) -> Table:
-    """A pandas DataFrame as a rich table, numbers to three significant digits."""
-    table = Table(title=title, title_justify="left")
-    columns = ([index] if index else []) + [str(c) for c in frame.columns]
-    for column in columns:
-        table.add_column(column, justify="right")
+    """A pandas DataFrame as a rich table, numbers to three significant digits.
+
+    Header names and the index (parameter or model names) are never cut: in a narrow terminal the
+    other cells wrap instead.
+    """
+    from rich import box
+
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    if index:
+        width = max([len(index), *(len(str(key)) for key in frame.index)])
+        table.add_column(index, no_wrap=True, min_width=width)
+    for column in [str(c) for c in frame.columns]:
+        table.add_column(column, justify="right", overflow="fold", min_width=max(len(w) for w in column.split()))
     for key, row in frame.iterrows():
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
         table.add_row(*([str(key)] if index else []), *cells)
     return table
 
 
+def short_cv_name(column: object) -> str:
+    """'SP diameter 90% coverage' -> 'SP d cov90': cross-validation headers that fit 80 columns."""
+    return str(column).replace("diameter", "d").replace("90% coverage", "cov90")
+
+
 @app.command("fit")
 def fit_command(
-    data: Annotated[Path, typer.Argument(help="Past runs: a CSV or Parquet file, one run per row.")],
+    data: Annotated[Path, typer.Argument(help="Past runs: a CSV, Parquet or Excel .xlsx file, one run per row.")],
+    sheet: Annotated[
+        str | None, typer.Option("--sheet", help="With an .xlsx file: the sheet to read (default: the first).")
+    ] = None,
     model: Annotated[str, typer.Option(help="Physics preset whose constants and priors the fit starts from.")] = (
         "cspbbr3-flow-focusing"
     ),
@@ -81,7 +97,7 @@ def fit_command(
             check_new_campaign_dir(into)
         check_output_folder(out if out is not None else Path(f"{data.stem}-fit"), "--out")
         preset = Preset.load(model)
-        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"))
+        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"), sheet)
         read = Table(title=f"Columns read from {data}", title_justify="left")
         for header in ("field", "column", "unit"):
             read.add_column(header)
@@ -105,15 +121,17 @@ def fit_command(
     shown["fitted"] = [
         f"{m:.3g} ± {s:.2g}" for m, s in zip(shown["posterior_mean"], shown["posterior_sd"], strict=True)
     ]
-    shown = shown.rename(columns={"fitted": "fitted (MAP ± sd)", "sd_ratio": "sd / prior sd", "reads_as": "reads as"})
+    shown = shown.rename(columns={"sd_ratio": "sd ratio", "reads_as": "reads as"})
     for stage_name, part in shown.groupby("stage", sort=False):
-        columns = ["prior", "fitted (MAP ± sd)", "sd / prior sd", "reads as"]
+        columns = ["prior", "fitted", "sd ratio", "reads as"]
         title = f"{str(stage_name).capitalize()} stage: physics parameters (sd from the Laplace posterior)"
         console.print(frame_table(part.set_index("parameter")[columns], title, "parameter"))
+        print_legend("prior: mean ± sd · fitted: MAP ± sd · sd ratio: fitted sd / prior sd (small = learned)")
     for stage in result.stages():
         if stage.cv is not None:
             title = f"{stage.stage.name.capitalize()} stage: {stage.cv.folds}-fold cross-validation"
-            console.print(frame_table(stage.cv.table, title, "model"))
+            console.print(frame_table(stage.cv.table.rename(columns=short_cv_name), title, "model"))
+            print_legend("d: diameter · cov90: share of held-out runs inside the 90 % prediction interval")
     console.print(f"Wrote {len(written)} files to {out}/: {', '.join(p.name for p in written)}", highlight=False)
     if into is not None:
         console.print(

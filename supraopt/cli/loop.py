@@ -22,11 +22,26 @@ class RunProgress:
 
     ROWS_SHOWN = 20
 
-    def __init__(self, out: Console) -> None:
+    def __init__(self, out: Console, directory: Path | None = None) -> None:
         self.out = out
+        self.directory = directory
         self.rows: dict[str, list[str]] = {}
         self.best = "no measurement yet"
         self.live: Any = None
+        self.closed = False
+        """stdout was closed (``supraopt run DIR | head -2``): the run goes on without printing."""
+
+    def print(self, text: str) -> None:
+        """One line on stdout; a closed stdout (broken pipe) is reported once on stderr, then ignored."""
+        if self.closed:
+            return
+        try:
+            self.out.print(text, highlight=False, markup=False, soft_wrap=True)
+        except BrokenPipeError:
+            self.closed = True
+            silence_stdout()
+            log = f"; its progress goes on in {self.directory / 'run.log'}" if self.directory else ""
+            err_console.print(f"stdout was closed (broken pipe): the run keeps going without printing{log}.")
 
     def __enter__(self) -> RunProgress:
         if self.out.is_terminal:
@@ -46,7 +61,7 @@ class RunProgress:
             self.best = f"{e.best.experiment_id}: {e.best.diameter_nm:.0f} nm, PDI {e.best.pdi_pct:.1f} %"
         if e.experiment_id is not None:
             row = self.rows.setdefault(e.experiment_id, [e.experiment_id, *[""] * 10])
-            if e.kind == "suggested":
+            if e.kind in ("suggested", "resuming"):
                 p = e.prediction
                 row[1:4] = settings_text(e.settings)
                 if p:
@@ -61,8 +76,8 @@ class RunProgress:
                 row[8] = e.result.reason
         if e.kind == "stopped":
             return  # the command prints the summary itself
-        if self.live is None or e.kind in ("started", "resumed", "warning", "rig error", "refused", "abandoned"):
-            self.out.print(e.text(), highlight=False, markup=False, soft_wrap=True)
+        if self.live is None or e.kind in ("rig", "started", "resumed", "warning", "rig error", "refused", "abandoned"):
+            self.print(e.text())
         if self.live is not None:
             self.live.update(self._table(), refresh=True)
 
@@ -76,15 +91,47 @@ class RunProgress:
             show_edge=False,
             collapse_padding=True,
         )
-        for header in ["id", "c", "r", "T", "pred. d", "PDI", "P(hit)", "status", "d", "PDI", "hit"]:
-            table.add_column(header, justify="right", no_wrap=True)
+        for i, header in enumerate(["id", "c", "r", "T", "pred. d", "PDI", "P(hit)", "status", "d", "PDI", "hit"]):
+            if i == 8:  # measured d, or why the run failed: the one column that wraps in a narrow terminal
+                table.add_column(header, justify="right", max_width=18, overflow="fold")
+            else:
+                table.add_column(header, justify="right", no_wrap=True)
         for row in list(self.rows.values())[-self.ROWS_SHOWN :]:
             table.add_row(*row)
         return table
 
 
+def small_problem_threads(directory: Path, budget: int | None) -> None:
+    """One torch thread when the campaign stays small (see :mod:`supraopt.torchfast`)."""
+    from supraopt.campaign import Campaign
+    from supraopt.torchfast import threads_for
+
+    with Campaign.open(directory) as campaign:
+        runs = len(campaign.ledger.experiments()) + (budget or campaign.spec.loop.budget)
+    threads_for(runs)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null, so later prints (and Python's flush at exit) do not fail again."""
+    import os
+    import sys
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def print_run_summary(directory: Path, summary: Any) -> None:
     """The runner's final word: why it stopped, what it achieved, where the data is."""
+    try:
+        _print_run_summary(directory, summary)
+    except BrokenPipeError:
+        silence_stdout()
+
+
+def _print_run_summary(directory: Path, summary: Any) -> None:
     from supraopt.spec import load_spec
 
     spec = load_spec(directory)
@@ -95,7 +142,8 @@ def print_run_summary(directory: Path, summary: Any) -> None:
     if summary.best is not None:
         b = summary.best
         line += (
-            f" {'Hit' if summary.hit else 'Best'}: {b.experiment_id} at {b.diameter_nm:.0f} nm "
+            f" {'Best hit (closest to the target)' if summary.hit else 'Closest to the target'}: "
+            f"{b.experiment_id} at {b.diameter_nm:.0f} nm "
             f"(target {t.diameter_nm:g} nm ± {t.tolerance:.0%}), PDI {b.pdi_pct:.1f} % (ceiling {t.pdi_max_pct:g} %)."
         )
     console.print(line, highlight=False, soft_wrap=True)
@@ -128,14 +176,12 @@ def interrupt_exit() -> Iterator[None]:
 def run(
     directory: CampaignDir,
     budget: Annotated[
-        int | None, typer.Option(help="Stop once this many experiments have finished (default: [loop] budget).")
+        int | None, typer.Option(help="Stop once this many experiments have finished (default: \\[loop] budget).")
     ] = None,
-    batch: Annotated[int | None, typer.Option(help="Experiments in flight at once (default: [loop] batch).")] = None,
+    batch: Annotated[int | None, typer.Option(help="Experiments in flight at once (default: \\[loop] batch).")] = None,
     rig: Annotated[
         str | None,
-        typer.Option(
-            "--rig", help="Rig adapter instead of campaign.toml's: simulated, manual, http, package.module:Class."
-        ),
+        typer.Option("--rig", help="Rig adapter instead of campaign.toml's: simulated, manual, http or module:Class."),
     ] = None,
     stop_on_hit: Annotated[
         bool | None,
@@ -153,7 +199,8 @@ def run(
     from supraopt.errors import InputError
     from supraopt.loop import run as run_loop
 
-    with interrupt_exit(), user_errors(), RunProgress(console) as progress:
+    with interrupt_exit(), user_errors(), RunProgress(console, directory) as progress:
+        small_problem_threads(directory, budget)
         if rig is not None and not rig.strip():
             raise InputError("--rig is empty; give simulated, manual, http or package.module:Class, or leave it out.")
         summary = run_loop(
@@ -211,7 +258,8 @@ def demo(
                 soft_wrap=True,
             )
             budget = None
-        with RunProgress(console) as progress:
+        with RunProgress(console, directory) as progress:
+            small_problem_threads(directory, budget)
             summary = run_loop(directory, budget=budget, progress=progress)
     print_run_summary(directory, summary)
     raise typer.Exit(code=summary.exit_code)

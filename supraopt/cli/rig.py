@@ -15,9 +15,7 @@ app.add_typer(rig_app, name="rig")
 
 @rig_app.command("serve")
 def rig_serve(
-    adapter: Annotated[
-        str, typer.Option(help="Adapter to serve: simulated, manual or package.module:Class.")
-    ] = "simulated",
+    adapter: Annotated[str, typer.Option(help="Adapter to serve: simulated, manual or module:Class.")] = "simulated",
     option: Annotated[
         list[str] | None,
         typer.Option("--option", "-o", help="Adapter option key=value (repeat), e.g. -o duration_s=60."),

@@ -22,7 +22,7 @@ def fill(r: Runner, room: int) -> None:
         return
     pending = [e for e in r.ledger.experiments([Status.PENDING]) if e.id not in r.flights][:room]
     for e in pending:
-        r.emit(Event("suggested", e.id, e.settings, e.prediction, message="(pending in the ledger)"))
+        r.emit(Event("resuming", e.id, e.settings, e.prediction, message="(pending in the ledger)"))
     if len(pending) < room:
         suggestions = r.campaign.suggest(room - len(pending))
         crash_point("after_suggest")

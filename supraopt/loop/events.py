@@ -70,8 +70,8 @@ class Event:
     """One thing that happened in the loop, for the progress display and ``run.log``."""
 
     kind: str
-    """started, resumed, warning, suggested, submitted, resubmitted, running, measured, failed,
-    abandoned, refused, rig error, adapter error, stopped."""
+    """rig, started, resumed, warning, suggested, resuming (a pending experiment dispatched at last),
+    submitted, resubmitted, running, measured, failed, abandoned, refused, rig error, adapter error, stopped."""
     experiment_id: str | None = None
     settings: dict[str, float] = field(default_factory=dict)
     prediction: dict[str, float] = field(default_factory=dict)
@@ -86,7 +86,9 @@ class Event:
     def text(self) -> str:
         """The event on one line (what ``run.log`` holds)."""
         parts = [self.experiment_id or "--", self.kind]
-        if self.kind == "suggested":
+        if self.kind == "resuming":
+            parts = [f"resuming {self.experiment_id}:"]
+        if self.kind in ("suggested", "resuming"):
             parts.append(settings_text(self.settings))
             if self.prediction:
                 parts.append(f"-> predicted {prediction_text(self.prediction)}")

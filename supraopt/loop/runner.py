@@ -20,7 +20,7 @@ from supraopt.loop.dispatch import fill
 from supraopt.loop.events import Event, Progress, RunSummary, StopReason
 from supraopt.loop.rigcall import crash_point
 from supraopt.loop.state import Flight, RigCalls, Runner, Stop
-from supraopt.rigs import load_rig
+from supraopt.rigs import adapter_origin, load_rig
 from supraopt.rigs.base import Rig
 
 RUN_LOG = "run.log"
@@ -76,8 +76,8 @@ def run(
     """Open the campaign in ``directory``, load its rig and run the loop (what ``supraopt run`` does).
 
     ``adapter`` overrides the campaign's ``[rig] adapter``; the ``[rig.options]`` table is passed only
-    when the adapter is the campaign's own. A dotted-path adapter is also looked up in the current
-    folder and in the campaign folder.
+    when the adapter is the campaign's own. A ``module:Class`` adapter is also looked up in the
+    current folder and in the campaign folder.
     """
     directory = Path(directory)
     with Campaign.open(directory) as campaign:
@@ -85,6 +85,8 @@ def run(
         name = adapter or configured.adapter
         options = dict(configured.options) if name == configured.adapter else {}
         rig = load_rig(name, options, directory)
+        if ":" in name and progress is not None:  # a user's module: say which file answered to the name
+            progress(Event("rig", message=f"adapter {name} loaded from {adapter_origin(rig)}"))
         return run_campaign(
             campaign,
             rig,
@@ -118,7 +120,8 @@ def drive(r: Runner) -> RunSummary:
             left = r.open_in_flight()
             how = "run the same command again to resume"
             if left:
-                text = f"interrupted with {', '.join(left)} in flight (kept in the ledger); {how}: they are polled, not resubmitted."
+                they = "it is" if len(left) == 1 else "they are"
+                text = f"interrupted with {', '.join(left)} in flight (kept in the ledger); {how}: {they} polled, not resubmitted."
             else:
                 text = f"interrupted; {how}."
             return r.finish(StopReason.INTERRUPTED, text)
@@ -128,6 +131,8 @@ def drive(r: Runner) -> RunSummary:
 
 def step(r: Runner) -> None:
     r.refresh()
+    if collect_ready(r):  # results the rig already has count before anything new is suggested
+        r.refresh()
     s = r.settings
     stopping = s.stop_on_hit and r.hit
     if not stopping:
@@ -136,21 +141,28 @@ def step(r: Runner) -> None:
             fill(r, room)
     if not r.flights:
         if stopping:
-            best = r.best
-            assert best is not None
+            first = r.campaign.status().first_hit
+            m = first.measurement if first is not None else None
+            assert first is not None and m is not None
             raise Stop(
                 StopReason.HIT,
-                f"target hit by {best.experiment_id} ({best.diameter_nm:.0f} nm, PDI {best.pdi_pct:.1f} %) "
-                f"after {r.finished} experiment(s).",
+                f"target hit by {first.id} ({m.diameter_nm:.0f} nm, PDI {m.pdi_pct:.1f} %), the first hit; "
+                f"{r.finished} experiment(s) finished.",
             )
         if r.finished >= s.budget:
             verdict = "target hit" if r.hit else "target not hit"
             raise Stop(StopReason.BUDGET, f"budget of {s.budget} experiment(s) spent; {verdict}.")
-    now = r.clock()
-    for flight in sorted(r.flights.values(), key=lambda f: f.experiment.created_at):
-        if flight.due <= now and flight.id in r.flights:
-            poll(r, flight)
     wait(r)
+
+
+def collect_ready(r: Runner) -> bool:
+    """Poll every experiment whose poll is due (oldest first); True when any was polled."""
+    now = r.clock()
+    due = [f for f in sorted(r.flights.values(), key=lambda f: f.experiment.created_at) if f.due <= now]
+    for flight in due:
+        if flight.id in r.flights:
+            poll(r, flight)
+    return bool(due)
 
 
 def wait(r: Runner) -> None:

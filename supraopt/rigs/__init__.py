@@ -2,7 +2,8 @@
 
 Built in: ``simulated`` (the digital twin, :mod:`supraopt.rigs.simulated`), ``manual`` (a person runs
 the experiments, :mod:`supraopt.rigs.manual`) and ``http`` (a rig behind a web API). Any other class
-with the four methods of :class:`Rig` is named as ``"package.module:ClassName"``.
+with the four methods of :class:`Rig` is named as ``"module:Class"`` (e.g. ``"truthrig:TruthRig"`` for class
+``TruthRig`` in ``truthrig.py``, found in the working folder, the campaign folder or installed packages).
 """
 
 from __future__ import annotations
@@ -57,11 +58,12 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
         cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
     elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
         _extend_import_path(campaign_dir)
-        cls = _import_class(adapter, *adapter.split(":"))
+        module_name, class_name = adapter.split(":")
+        cls = _import_class(adapter, module_name, class_name, searched=_adapter_folders(campaign_dir))
     else:
-        raise SpecError(
-            f"unknown rig adapter {adapter!r}: use 'simulated', 'manual', 'http' or 'package.module:ClassName'."
-        )
+        module, dot, name = adapter.rpartition(".")
+        hint = f" (did you mean '{module}:{name}'?)" if dot and module and name and ":" not in adapter else ""
+        raise SpecError(f"unknown rig adapter {adapter!r}{hint}: use 'simulated', 'manual', 'http' or 'module:Class'.")
     if "state_dir" not in options and _takes_state_dir(cls):
         options["state_dir"] = str(campaign_dir / RIG_STATE_DIR)
     try:
@@ -91,21 +93,37 @@ def campaign_prefix(campaign_dir: Path) -> str:
 
 
 def _extend_import_path(campaign_dir: Path) -> None:
-    """Let ``package.module:Class`` name a module in the working folder or the campaign folder.
+    """Let ``module:Class`` name a module in the working folder or the campaign folder.
 
     Appended, not prepended, so an installed package of the same name wins.
     """
-    for folder in (Path.cwd(), campaign_dir.resolve()):
+    for folder in _adapter_folders(campaign_dir):
         if str(folder) not in sys.path:
             sys.path.append(str(folder))
 
 
-def _import_class(adapter: str, module_name: str, class_name: str) -> Any:
+def _adapter_folders(campaign_dir: Path) -> tuple[Path, ...]:
+    return tuple(dict.fromkeys((Path.cwd(), Path(campaign_dir).resolve())))
+
+
+def adapter_origin(rig: object) -> str:
+    """Where a rig's class was loaded from (a file path, or the module name when it has no file)."""
+    import inspect
+
+    try:
+        return inspect.getfile(type(rig))
+    except TypeError:  # built-in or dynamically made class
+        return type(rig).__module__
+
+
+def _import_class(adapter: str, module_name: str, class_name: str, searched: tuple[Path, ...] = ()) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name is not None and (module_name + ".").startswith(error.name + "."):
-            raise SpecError(f"rig adapter {adapter!r}: module {module_name!r} not found.") from error
+            where = "".join(f"{folder}, " for folder in searched)
+            looked = f" (looked in {where}and the installed packages)" if searched else ""
+            raise SpecError(f"rig adapter {adapter!r}: module {module_name!r} not found{looked}.") from error
         raise SpecError(f"rig adapter {adapter!r}: importing {module_name!r} failed: {_clause(error)}.") from error
     except Exception as error:  # whatever the module raises while it loads
         raise SpecError(f"rig adapter {adapter!r}: importing {module_name!r} failed: {_clause(error)}.") from error
