@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from supraopt.errors import SpecError
-from supraopt.records import PARAMETERS, UNITS
+from supraopt.records import PARAMETERS, UNITS, validate_context
 
 SPEC_FILE = "campaign.toml"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -86,6 +86,45 @@ class RigSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+CONTEXT_KINDS = ("category", "number")
+
+
+@dataclass(frozen=True)
+class ContextVariable:
+    """A condition the campaign records but does not set: a ``category`` (chip, NC batch,
+    operator...; any text is a level) or a measured ``number`` (room temperature, NC core size...)."""
+
+    kind: str
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTEXT_KINDS:
+            raise SpecError(f"context kind={self.kind!r} must be one of {', '.join(CONTEXT_KINDS)}.")
+
+
+def parse_context(table: object, source: str = "campaign.toml") -> dict[str, ContextVariable]:
+    """Read a ``[context]`` table: ``name = "category" | "number"`` or ``name = { kind = ..., unit = ... }``."""
+    if not isinstance(table, dict):
+        raise SpecError(f'{source}: [context] must be a table of name = "category" | "number".')
+    out = {}
+    for name, value in table.items():
+        try:
+            validate_context({name: "x"}, "[context]")
+        except ValueError as error:
+            raise SpecError(f"{source}: {error}") from None
+        data = {"kind": value} if isinstance(value, str) else value
+        if not isinstance(data, dict) or set(data) - {"kind", "unit"} or not isinstance(data.get("unit", ""), str):
+            raise SpecError(
+                f'{source}: [context] {name}={value!r} must be "category", "number" or '
+                '{ kind = "number", unit = "°C" }.'
+            )
+        try:
+            out[name] = ContextVariable(str(data.get("kind")), str(data.get("unit", "")))
+        except SpecError as error:
+            raise SpecError(f"{source}: [context] {name}: {error}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class CampaignSpec:
     """Everything that defines a campaign; the ledger holds everything that happened."""
@@ -101,6 +140,8 @@ class CampaignSpec:
     loop: LoopSettings = field(default_factory=LoopSettings)
     ledger_url: str | None = None
     """SQLAlchemy URL; None means ``sqlite:///<campaign dir>/ledger.sqlite``."""
+    context: dict[str, ContextVariable] = field(default_factory=dict)
+    """Declared context variables (``[context]``); empty: any name is accepted at first use."""
 
     def __post_init__(self) -> None:
         if set(self.bounds) != set(PARAMETERS):
@@ -148,6 +189,13 @@ class CampaignSpec:
             f"rig_timeout_s = {loop.rig_timeout_s!r}",
             f"max_rig_errors = {loop.max_rig_errors}",
         ]
+        if self.context:
+            lines += ["", "[context]   # conditions recorded, not set: category or number"]
+            for name, var in self.context.items():
+                value = _toml_value(var.kind)
+                if var.unit:
+                    value = f"{{ kind = {value}, unit = {_toml_value(var.unit)} }}"
+                lines.append(f"{name} = {value}")
         return "\n".join(lines) + "\n"
 
 
@@ -194,7 +242,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: Path | None = None) -> CampaignSpec:
     """Build and validate a spec from parsed TOML; errors name the file, key and value."""
-    known = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop"}
+    known = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop", "context"}
     unknown = set(data) - known
     if unknown:
         raise SpecError(
@@ -242,6 +290,7 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: P
         rig=rig,
         loop=loop,
         ledger_url=None if ledger_url is None else str(ledger_url),
+        context=parse_context(data.get("context", {}), source),
     )
 
 
