@@ -7,7 +7,10 @@ Columns (header names, any order):
   are required.
 * ``diameter_nm`` and ``pdi_pct`` — the measured result; optional ``n_particles`` and ``droplet_um``;
 * ``failed`` — a reason instead of a result when the chemistry failed;
-* ``note`` — optional free text.
+* ``note`` — optional free text;
+* context columns: ``context.NAME`` (e.g. ``context.chip``, ``context.room_c``), or just ``NAME`` for
+  a context declared in campaign.toml ``[context]`` or used before. A blank cell leaves that entry
+  as it is (for a suggested experiment: the context it was suggested under).
 
 Every row is checked before anything is written: a bad file leaves the ledger unchanged.
 """
@@ -91,10 +94,53 @@ def parse_row(row: int, data: dict[str, str]) -> tuple[str | None, dict[str, Any
     return experiment_id, settings, result, note
 
 
+def context_columns(campaign: Campaign, columns: list[str]) -> dict[str, str]:
+    """CSV column -> context name: ``context.NAME`` columns and columns named like a known context."""
+    known = set(campaign.spec.context) | set(campaign.ledger.context_kinds())
+    out = {}
+    for column in columns:
+        if column.startswith("context.") and column != "context.":
+            out[column] = column.removeprefix("context.")
+        elif column in known and column not in KNOWN:
+            out[column] = column
+    return out
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def new_context_kinds(campaign: Campaign, records: list[dict[str, str]], columns: dict[str, str]) -> dict[str, str]:
+    """Kinds of context names met for the first time: ``number`` when every value in the file is one."""
+    known = set(campaign.spec.context) | set(campaign.ledger.context_kinds())
+    kinds = {}
+    for column, name in columns.items():
+        if name in known:
+            continue
+        values = [str(r[column]).strip() for r in records if not _blank(r.get(column))]
+        kinds[name] = "number" if values and all(_reads_as_number(v) for v in values) else "category"
+    return kinds
+
+
+def row_context(
+    campaign: Campaign, row: int, data: dict[str, str], columns: dict[str, str], kinds: dict[str, str]
+) -> dict[str, Any]:
+    """The checked context of one row (blank cells left out); errors name the row."""
+    given = {name: str(data[column]).strip() for column, name in columns.items() if not _blank(data.get(column))}
+    try:
+        return campaign.check_context(given, assume=kinds)[0]
+    except SupraoptError as error:
+        raise InputError(f"row {row}: {error}") from None
+
+
 def record_csv(campaign: Campaign, path: Path) -> list[str]:
     """Validate every row of ``path``, then record them all; returns the experiment ids."""
     frame = read_table(path)
-    unknown = set(frame.columns) - KNOWN
+    contexts = context_columns(campaign, list(frame.columns))
+    unknown = set(frame.columns) - KNOWN - set(contexts)
     if unknown:
         raise InputError(
             f"CSV file {path}: unknown column(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(KNOWN))}."
@@ -103,6 +149,8 @@ def record_csv(campaign: Campaign, path: Path) -> list[str]:
         raise InputError(f"CSV file {path} has no rows.")
     records: list[dict[str, str]] = frame.to_dict("records")  # type: ignore[assignment]
     rows = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
+    kinds = new_context_kinds(campaign, records, contexts)
+    row_contexts = [row_context(campaign, i + 2, record, contexts, kinds) for i, record in enumerate(records)]
     seen: set[str] = set()
     for i, (experiment_id, settings, _, _) in enumerate(rows, start=2):
         if experiment_id is not None:
@@ -121,11 +169,13 @@ def record_csv(campaign: Campaign, path: Path) -> list[str]:
             assert settings is not None
             campaign.space.validate(settings, where=f"row {i}")
     ids = []
-    for experiment_id, settings, result, note in rows:
+    if kinds and not campaign.spec.context:  # every row is valid: remember how this file reads them
+        campaign.ledger.remember_context_kinds(kinds)
+    for (experiment_id, settings, result, note), context in zip(rows, row_contexts, strict=True):
         if experiment_id is None:
             assert settings is not None
-            ids.append(campaign.add_run(settings, result, note))
+            ids.append(campaign.add_run(settings, result, note, context=context))
         else:
-            campaign.record(experiment_id, result, note=note)
+            campaign.record(experiment_id, result, note=note, context=context)
             ids.append(experiment_id)
     return ids

@@ -254,18 +254,21 @@ class Campaign:
     # --- context ----------------------------------------------------------------------------------
 
     def check_context(
-        self, context: Mapping[str, Any] | None, where: str = "context"
+        self, context: Mapping[str, Any] | None, where: str = "context", assume: Mapping[str, str] | None = None
     ) -> tuple[Context, dict[str, str]]:
         """Validate a context against ``[context]`` in campaign.toml, or against the kinds remembered
         from each name's first use when there is no ``[context]``.
 
         Returns the clean context (numbers as floats, levels as text; a text that reads as a number
         is a number for a numeric context) and the kinds of names used for the first time. Raises
-        :class:`InputError` naming the bad entry; writes nothing.
+        :class:`InputError` naming the bad entry; writes nothing. ``assume``: kinds of names not yet
+        remembered (a CSV file decides them over all its rows).
         """
         clean = validate_context(dict(context or {}), where)
         declared = self.spec.context
-        kinds = {n: v.kind for n, v in declared.items()} if declared else self.ledger.context_kinds()
+        kinds = (
+            {n: v.kind for n, v in declared.items()} if declared else dict(assume or {}) | self.ledger.context_kinds()
+        )
         out: Context = {}
         new: dict[str, str] = {}
         for name, value in clean.items():

@@ -338,13 +338,16 @@ class Ledger:
         with self._transaction(write=False) as conn:
             return {str(k): str(v) for k, v in self._get_state(conn, CONTEXT_KINDS).items()}
 
-    def set_current_context(self, context: Mapping[str, Any], kinds: Mapping[str, str] | None = None) -> None:
-        """Replace the campaign's current context (and remember the kinds of new names)."""
+    def set_current_context(self, context: Mapping[str, Any]) -> None:
+        """Replace the campaign's current context."""
         ctx = validate_context(dict(context))
         with self._transaction(write=True) as conn:
             self._put_state(conn, CURRENT_CONTEXT, ctx)
-            if kinds:
-                self._put_state(conn, CONTEXT_KINDS, self._get_state(conn, CONTEXT_KINDS) | dict(kinds))
+
+    def remember_context_kinds(self, kinds: Mapping[str, str]) -> None:
+        """Add context names -> ``category`` | ``number`` to the remembered kinds (first use wins)."""
+        with self._transaction(write=True) as conn:
+            self._put_state(conn, CONTEXT_KINDS, dict(kinds) | self._get_state(conn, CONTEXT_KINDS))
 
     def mark_dispatched(self, experiment_id: str) -> None:
         """Record that the rig accepted the experiment (no-op if already dispatched or running)."""

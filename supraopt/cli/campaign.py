@@ -22,6 +22,32 @@ from supraopt.cli._common import (
 from supraopt.errors import InputError
 from supraopt.records import Failure, Measurement
 
+ContextOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--context",
+        help="A condition of the run(s), NAME=VALUE (repeatable): a level (chip=B, nc_batch=2024-03) or a "
+        "measured number (room_c=23.5). Declare names in campaign.toml [context] or just use them.",
+    ),
+]
+
+
+def parse_context_options(items: list[str] | None) -> dict[str, str] | None:
+    """``["chip=B", "room_c=23.5"]`` -> ``{"chip": "B", "room_c": "23.5"}`` (kinds are checked by the campaign)."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InputError(f"--context {item!r} must look like NAME=VALUE, e.g. --context chip=B.")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def context_text(context: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in context.items())
+
 
 @app.command()
 def init(
@@ -58,11 +84,18 @@ def suggest(
     directory: CampaignDir,
     n: Annotated[int, typer.Option("-n", "--n", help="How many experiments to propose (a batch).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    context: ContextOption = None,
 ) -> None:
-    """Propose the next experiment(s), print them and mark them pending in the ledger."""
-    with user_errors(), open_campaign(directory) as campaign:
-        suggestions = campaign.suggest(n)
-        target = campaign.spec.target
+    """Propose the next experiment(s), print them and mark them pending in the ledger.
+
+    --context states the conditions they will run under (a new chip, NC batch, the room temperature):
+    it is stored with each and stays the campaign's current context for later suggestions.
+    """
+    with user_errors():
+        given = parse_context_options(context)
+        with open_campaign(directory) as campaign:
+            suggestions = campaign.suggest(n, context=given)
+            target = campaign.spec.target
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
@@ -82,6 +115,8 @@ def suggest(
             f"{p['p_hit']:.2f}",
         )
     console.print(table)
+    if suggestions[0].context:
+        console.print(f"Context: {context_text(suggestions[0].context)}", highlight=False)
     first = suggestions[0].experiment_id
     console.print(f"When measured: supraopt record {directory} {first} --diameter-nm X --pdi Y --n-particles N")
 
@@ -102,12 +137,19 @@ def record(
     ] = False,
     note: Annotated[str, typer.Option(help="Free-text note stored with the result.")] = "",
     csv: Annotated[Path | None, typer.Option("--csv", help="Record many results from a CSV file (see README).")] = None,
+    context: ContextOption = None,
 ) -> None:
-    """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV."""
+    """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV.
+
+    The run keeps the context it was suggested under; --context sets or corrects entries for this run.
+    """
     with user_errors():
+        given = parse_context_options(context)
         if csv is not None:
             if experiment_id is not None or diameter_nm is not None or failed is not None:
                 raise InputError("give either --csv FILE or one experiment id with its result, not both.")
+            if given:
+                raise InputError("--context cannot be combined with --csv: give context in CSV columns (context.NAME).")
             from supraopt.bulk import record_csv
 
             with open_campaign(directory) as campaign:
@@ -118,7 +160,7 @@ def record(
             raise InputError("give the experiment id (e.g. E001) or --csv FILE.")
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
-            campaign.record(experiment_id, result, note=note, correct=correct)
+            campaign.record(experiment_id, result, note=note, correct=correct, context=given)
             hit = isinstance(result, Measurement) and campaign.spec.target.is_hit(result.diameter_nm, result.pdi_pct)
     verdict = " — target hit!" if hit else ""
     console.print(f"Recorded {experiment_id}{verdict}")
@@ -149,7 +191,9 @@ def status(
         return
     t = state.target
     table = Table(title=f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %")
-    for header in ["id", "status", *SETTING_HEADERS, "predicted d (nm)", "measured d (nm)", "PDI (%)", "hit"]:
+    with_context = any(e.context for e in state.experiments)
+    headers = ["id", "status", *SETTING_HEADERS, "predicted d (nm)", "measured d (nm)", "PDI (%)", "hit"]
+    for header in headers + (["context"] if with_context else []):
         table.add_column(header, justify="right")
     for e in state.experiments:
         m = e.measurement
@@ -163,6 +207,7 @@ def status(
             measured,
             fmt(m.pdi_pct) if m else "",
             hit,
+            *([context_text(e.context)] if with_context else []),
         )
     console.print(table)
     counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts.items())) or "no experiments yet"
@@ -171,6 +216,8 @@ def status(
         b = state.best.measurement
         word = "Target hit" if state.hit else "Best so far (target not hit yet)"
         console.print(f"{word}: {state.best.id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %.")
+    if state.context:
+        console.print(f"Current context (next experiments): {context_text(state.context)}.", highlight=False)
 
 
 @app.command()
