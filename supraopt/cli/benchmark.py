@@ -129,8 +129,10 @@ def swap_benchmark(
         title=f"{scenario}: experiments to hit again after {swap.field} moved by ±{swap.low:.0%}-{swap.high:.0%} "
         f"(after a first hit; {bench.AFTER_SWAP_BUDGET} allowed, a miss counts {bench.AFTER_SWAP_BUDGET + 1})"
     )
+    short = {"campaigns": "n", "first_hit_median": "1st hit", "rehit_median": "re-hit median"}
+    short |= {"rehit_p90": "re-hit p90", "rehit<=2": "≤ 2", "rehit<=3": "≤ 3", "median_latency_s": "latency s"}
     for column in summary.columns:
-        table.add_column(column, justify="right")
+        table.add_column(short.get(column, column), justify="right")
     for row in summary.itertuples(index=False):
         table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
