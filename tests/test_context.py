@@ -280,3 +280,11 @@ def test_http_rig_and_rig_serve_carry_context() -> None:
         client.submit(Proposal("E002", dict(SETTINGS)))  # an old client's body: no context field
         assert client.poll("E002").state.value == "done"
         client.close()
+
+
+def test_benchmark_scenarios_refuse_unknown_names_and_modes(tmp_path: Path) -> None:
+    result = invoke("benchmark", "--scenario", "chip-drift", "--out", tmp_path)
+    assert_one_line_error(result, "chip-drift", "stationary, chip-swap, batch-swap")
+    result = invoke("benchmark", "--scenario", "chip-swap", "--strategy", "plain-bo", "--out", tmp_path)
+    assert_one_line_error(result, "plain-bo", "told, not-told")
+    assert not list(tmp_path.iterdir())

@@ -27,7 +27,7 @@ ContextOption = Annotated[
     typer.Option(
         "--context",
         help="A condition of the run(s), NAME=VALUE (repeatable): a level (chip=B, nc_batch=2024-03) or a "
-        "measured number (room_c=23.5). Declare names in campaign.toml [context] or just use them.",
+        "measured number (room_c=23.5). Declare names in campaign.toml \\[context] or just use them.",
     ),
 ]
 
