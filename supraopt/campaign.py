@@ -293,7 +293,7 @@ class Campaign:
         return self.ledger.current_context()
 
     def _context_kinds(self, contexts: Sequence[Context]) -> dict[str, str]:
-        kinds = {n: v.kind for n, v in self.spec.context.items()} | self.ledger.context_kinds()
+        kinds = self.ledger.context_kinds() | {n: v.kind for n, v in self.spec.context.items()}  # declared win
         for context in contexts:
             for name, value in context.items():
                 kinds.setdefault(name, "category" if isinstance(value, str) else "number")

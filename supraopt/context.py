@@ -136,7 +136,7 @@ class ContextModel:
         self.levels: dict[str, list[str]] = {}
         for name in sorted(kinds):
             if kinds[name] == "number":
-                values = [float(c[name]) for c in contexts if name in c]
+                values = [float(c[name]) for c in contexts if isinstance(c.get(name), float)]
                 if values:
                     self.numbers[name] = (min(values), max(values))
             else:
@@ -162,7 +162,8 @@ class ContextModel:
         out = torch.zeros(len(contexts), self.width, dtype=torch.double)
         for i, c in enumerate(contexts):
             for j, (name, (low, high)) in enumerate(self.numbers.items()):
-                out[i, j] = 0.5 if name not in c or high == low else (float(c[name]) - low) / (high - low)
+                value = c.get(name)
+                out[i, j] = 0.5 if not isinstance(value, float) or high == low else (value - low) / (high - low)
             column = len(self.numbers)
             for name, levels in self.levels.items():
                 out[i, column + levels.index(str(c.get(name, NOT_STATED)))] = 1.0
