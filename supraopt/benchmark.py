@@ -12,6 +12,15 @@ Strategies: ``supraopt`` (default), ``plain-bo`` (same GP and acquisition withou
 mean, Sobol start), ``random`` (Sobol search), and one ablation per ingredient:
 ``no-feasibility``, ``random-first-point`` and ``no-noise-model``.
 
+**Scenarios** (``--scenario``). ``stationary`` (the default) is the above. ``chip-swap`` and
+``batch-swap`` change the rig after a campaign's first hit: the world's droplet prefactor (a new
+chip) or packing fraction (a new NC batch) is multiplied by ``1 ± U(0.10, 0.20)``; the campaign
+goes on for the same target and counts the experiments to hit again (a miss counts
+``AFTER_SWAP_BUDGET + 1``). Two modes run on the same worlds, targets, seeds and swaps: ``told``
+(the campaign states ``chip=A`` from the start and ``chip=B`` at the swap, as
+``supraopt suggest --context`` does) and ``not-told`` (no context: the campaign only sees its
+results drift).
+
 **Latency.** Time of one suggestion (fit + acquisition) for 10, 50, 200 and 1000 recorded runs
 and batch sizes 1 and 4.
 """
@@ -25,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -56,6 +65,30 @@ class Task:
     pdi_max_pct: float
     spread: float
     preset: str = PRESET
+    scenario: str = "stationary"
+
+
+@dataclass(frozen=True)
+class Swap:
+    """A change of the rig after the first hit: a :class:`World` field times ``1 ± U(low, high)``."""
+
+    field: str
+    context: str
+    """The context name a told campaign uses (levels ``A`` before, ``B`` after)."""
+    low: float = 0.10
+    high: float = 0.20
+
+
+SCENARIOS: dict[str, Swap | None] = {
+    "stationary": None,
+    "chip-swap": Swap("droplet_k", "chip"),
+    "batch-swap": Swap("phi_inorg", "nc_batch"),
+}
+"""Benchmark scenarios by name; None is the plain experiments-to-first-hit benchmark."""
+SWAP_MODES = ("told", "not-told")
+"""Strategies of a swap scenario: the campaign is told of the swap through context, or not."""
+AFTER_SWAP_BUDGET = 15
+"""Experiments after a swap before the campaign counts as not hitting again."""
 
 
 def model_options(strategy: str) -> Any:
@@ -100,6 +133,7 @@ def make_tasks(
     tolerance: float,
     pdi_max_pct: float,
     preset: str = PRESET,
+    scenario: str = "stationary",
 ) -> list[Task]:
     """One task per (world, target, strategy); every strategy sees the same worlds, targets and seeds."""
     bounds = default_bounds(preset)
@@ -110,13 +144,26 @@ def make_tasks(
         for k, target in enumerate(reachable_targets(world, bounds, targets, pdi_max_pct)):
             for strategy in strategies:
                 tasks.append(
-                    Task(strategy, world_seed, target, 1000 * w + k, budget, tolerance, pdi_max_pct, spread, preset)
+                    Task(
+                        strategy,
+                        world_seed,
+                        target,
+                        1000 * w + k,
+                        budget,
+                        tolerance,
+                        pdi_max_pct,
+                        spread,
+                        preset,
+                        scenario,
+                    )
                 )
     return tasks
 
 
 def run_task(task: Task) -> dict[str, Any]:
     """Run one campaign against its world; returns experiments to the first hit and the curve."""
+    if SCENARIOS.get(task.scenario) is not None:
+        return run_swap_task(task)
     import torch
     from torch.quasirandom import SobolEngine
 
@@ -177,6 +224,85 @@ def run_task(task: Task) -> dict[str, Any]:
         "median_latency_s": statistics.median(latencies) if latencies else math.nan,
         "curve": curve,
     }
+
+
+def run_swap_task(task: Task) -> dict[str, Any]:
+    """Hit once, swap the rig (see :class:`Swap`), count the experiments to hit again."""
+    import torch
+
+    from supraopt.campaign import Campaign
+
+    swap = SCENARIOS[task.scenario]
+    assert swap is not None
+    torch.set_num_threads(1)
+    world = World.random(task.world_seed, task.preset, task.spread)
+    rng = np.random.default_rng(task.seed)
+    draw = np.random.default_rng([task.seed, task.world_seed, 7919])  # the same swap for both modes
+    factor = 1.0 + float(draw.choice([-1.0, 1.0])) * float(draw.uniform(swap.low, swap.high))
+    told = task.strategy == "told"
+    first_hit, rehit = task.budget + 1, AFTER_SWAP_BUDGET + 1
+    latencies: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        campaign = Campaign.create(
+            Path(tmp) / "c",
+            task.preset,
+            task.target_nm,
+            tolerance=task.tolerance,
+            pdi_max_pct=task.pdi_max_pct,
+            seed=task.seed,
+        )
+        target = campaign.spec.target
+
+        def until_hit(budget: int, level: str) -> int:
+            for step in range(1, budget + 1):
+                context = {swap.context: level} if told and step == 1 else None
+                start = time.perf_counter()
+                [suggestion] = campaign.suggest(1, context=context)
+                latencies.append(time.perf_counter() - start)
+                result = world.sample(suggestion.settings, rng)
+                campaign.record(suggestion.experiment_id, result)
+                if isinstance(result, Measurement) and target.is_hit(result.diameter_nm, result.pdi_pct):
+                    return step
+            return budget + 1
+
+        try:
+            first_hit = until_hit(task.budget, "A")
+            if first_hit <= task.budget:
+                world = replace(world, **{swap.field: getattr(world, swap.field) * factor})
+                rehit = until_hit(AFTER_SWAP_BUDGET, "B")
+        finally:
+            campaign.close()
+    return {
+        **asdict(task),
+        "experiments_to_hit": first_hit,
+        "hit": first_hit <= task.budget,
+        "swap_factor": factor,
+        "rehit": rehit if first_hit <= task.budget else math.nan,
+        "median_latency_s": statistics.median(latencies) if latencies else math.nan,
+    }
+
+
+def summarise_swap(results: Sequence[dict[str, Any]]) -> pd.DataFrame:
+    """Per mode (told / not-told): experiments to the first hit and to hit again after the swap."""
+    frame = pd.DataFrame(results)
+    rows = []
+    for mode, group in frame.groupby("strategy", sort=False):
+        again = group["rehit"].dropna()
+        rows.append(
+            {
+                "mode": mode,
+                "campaigns": len(group),
+                "first_hit_median": float(group["experiments_to_hit"].median()),
+                "swapped": len(again),
+                "rehit_median": float(again.median()) if len(again) else math.nan,
+                "rehit_p90": float(again.quantile(0.9, interpolation="higher")) if len(again) else math.nan,
+                "rehit<=2": float((again <= 2).mean()) if len(again) else math.nan,
+                "rehit<=3": float((again <= 3).mean()) if len(again) else math.nan,
+                "median_latency_s": float(group["median_latency_s"].median()),
+            }
+        )
+    order = {s: i for i, s in enumerate(SWAP_MODES)}
+    return pd.DataFrame(rows).sort_values("mode", key=lambda s: s.map(order)).reset_index(drop=True)
 
 
 def _init_worker() -> None:

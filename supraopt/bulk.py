@@ -7,7 +7,10 @@ Columns (header names, any order):
   are required.
 * ``diameter_nm`` and ``pdi_pct`` — the measured result; optional ``n_particles`` and ``droplet_um``;
 * ``failed`` — a reason instead of a result when the chemistry failed;
-* ``note`` — optional free text.
+* ``note`` — optional free text;
+* context columns: ``context.NAME`` (e.g. ``context.chip``, ``context.room_c``), or just ``NAME`` for
+  a context declared in campaign.toml ``[context]`` or used before. A blank cell leaves that entry
+  as it is (for a suggested experiment: the context it was suggested under).
 
 Every row is checked before anything is written, and the rows are then written in one transaction:
 a bad file, an error or Ctrl-C leaves the ledger unchanged. A content hash of each row is kept in the
@@ -92,6 +95,48 @@ def parse_row(row: int, data: dict[str, str]) -> tuple[str | None, dict[str, Any
     return experiment_id, settings, result, note
 
 
+def context_columns(campaign: Campaign, columns: list[str]) -> dict[str, str]:
+    """CSV column -> context name: ``context.NAME`` columns and columns named like a known context."""
+    known = set(campaign.spec.context) | set(campaign.ledger.context_kinds())
+    out = {}
+    for column in columns:
+        if column.startswith("context.") and column != "context.":
+            out[column] = column.removeprefix("context.")
+        elif column in known and column not in KNOWN:
+            out[column] = column
+    return out
+
+
+def _reads_as_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def new_context_kinds(campaign: Campaign, records: list[dict[str, str]], columns: dict[str, str]) -> dict[str, str]:
+    """Kinds of context names met for the first time: ``number`` when every value in the file is one."""
+    known = set(campaign.spec.context) | set(campaign.ledger.context_kinds())
+    kinds = {}
+    for column, name in columns.items():
+        if name in known:
+            continue
+        values = [str(r[column]).strip() for r in records if not _blank(r.get(column))]
+        kinds[name] = "number" if values and all(_reads_as_number(v) for v in values) else "category"
+    return kinds
+
+
+def row_context(
+    campaign: Campaign, row: int, data: dict[str, str], columns: dict[str, str], kinds: dict[str, str]
+) -> dict[str, Any]:
+    """The checked context of one row (blank cells left out); errors name the row."""
+    given = {name: str(data[column]).strip() for column, name in columns.items() if not _blank(data.get(column))}
+    try:
+        return campaign.check_context(given, assume=kinds)[0]
+    except SupraoptError as error:
+        raise InputError(f"row {row}: {error}") from None
+
+
 DUPLICATES = ("refuse", "skip", "allow")
 """What to do with rows imported before: refuse the file, skip those rows, or record them again."""
 
@@ -125,7 +170,8 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
     if duplicates not in DUPLICATES:
         raise InputError(f"duplicates={duplicates!r} must be one of {', '.join(DUPLICATES)}.")
     frame = read_table(path, sheet)
-    unknown = set(frame.columns) - KNOWN
+    contexts = context_columns(campaign, list(frame.columns))
+    unknown = set(frame.columns) - KNOWN - set(contexts)
     if unknown:
         raise InputError(
             f"CSV file {path}: unknown column(s) {', '.join(sorted(unknown))}; expected some of {', '.join(sorted(KNOWN))}."
@@ -134,12 +180,14 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
         raise InputError(f"CSV file {path} has no rows.")
     records = frame.rows
     parsed = [parse_row(i + 2, record) for i, record in enumerate(records)]  # row 1 is the header
+    kinds = new_context_kinds(campaign, records, contexts)
+    row_contexts = [row_context(campaign, i + 2, record, contexts, kinds) for i, record in enumerate(records)]
     digests = [row_digest(*row) for row in parsed]
-    rows = list(enumerate(zip(parsed, digests, strict=True), start=2))
+    rows = list(enumerate(zip(parsed, digests, row_contexts, strict=True), start=2))
     skipped: list[int] = []
     if duplicates != "allow":
         before = campaign.ledger.imported(digests)
-        again = [i for i, (_, digest) in rows if digest in before]
+        again = [i for i, (_, digest, _) in rows if digest in before]
         if again and duplicates == "refuse":
             first_id, source, when = before[digests[again[0] - 2]]
             raise InputError(
@@ -151,7 +199,7 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
         rows = [(i, row) for i, row in rows if i not in set(again)]
     seen: set[str] = set()
     batch = []
-    for i, ((experiment_id, settings, result, note), digest) in rows:
+    for i, ((experiment_id, settings, result, note), digest, context) in rows:
         where = f"row {i}"
         if experiment_id is not None:
             if experiment_id in seen:
@@ -168,5 +216,6 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
         else:
             assert settings is not None
             settings = campaign.space.validate(settings, where=where)
-        batch.append((where, BatchRow(experiment_id, settings, result, note, digest)))
-    return ImportReport(campaign.record_many(batch, source=str(path)), skipped)
+        batch.append((where, BatchRow(experiment_id, settings, result, note, digest, context)))
+    remember = kinds if kinds and not campaign.spec.context else None  # how this file reads new names
+    return ImportReport(campaign.record_many(batch, source=str(path), context_kinds=remember), skipped)

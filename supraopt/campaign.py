@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.preset import Preset
-from supraopt.records import Failure, Measurement, Plausible, RigLimits
+from supraopt.records import Context, Failure, Measurement, Plausible, RigLimits, validate_context
 from supraopt.space import SearchSpace
 from supraopt.spec import (
     SPEC_FILE,
@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # torch, BoTorch and the models load only when something is f
     import torch
 
     from supraopt.acquisition import HitProbability
+    from supraopt.context import ContextModel
     from supraopt.surrogate import Feasibility, PhysicsGP, ResidualPrior
 
 PLAIN_SIZE_RESIDUAL = {"sd": 0.5, "noise_sd": 0.02}
@@ -58,9 +59,11 @@ class Suggestion:
     experiment_id: str
     settings: dict[str, float]
     prediction: dict[str, float]
+    context: Context = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.experiment_id, "settings": self.settings, "prediction": self.prediction}
+        data = {"id": self.experiment_id, "settings": self.settings, "prediction": self.prediction}
+        return data | ({"context": self.context} if self.context else {})
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class Surrogates:
     feasibility: Feasibility
     acquisition: HitProbability
     pending_z: torch.Tensor
+    context: Context = field(default_factory=dict)
+    """The context the acquisition's GPs have fixed inside (the proposal's)."""
+    context_model: ContextModel | None = None
+    """How contexts enter the GPs; None when the campaign has none (the GPs see the 3 controls only)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +117,8 @@ class CampaignStatus:
     best: Experiment | None
     hit: bool
     experiments: list[Experiment] = field(default_factory=list)
+    context: Context = field(default_factory=dict)
+    """The campaign's current context: the conditions the next experiments run under."""
 
     @property
     def first_hit(self) -> Experiment | None:
@@ -127,6 +136,7 @@ class CampaignStatus:
             "target": self.target.__dict__,
             "counts": self.counts,
             "hit": self.hit,
+            "context": self.context,
             "best": None if self.best is None else experiment_json(self.best),
             "first_hit": None if first is None else first.id,
             "experiments": [{**experiment_json(e), "hit": self.is_hit(e)} for e in self.experiments],
@@ -143,7 +153,15 @@ def experiment_json(e: Experiment) -> dict[str, Any]:
         "failure": None if e.failure is None else e.failure.reason,
         "note": e.note,
         "created_at": e.created_at.isoformat(),
+        "context": e.context,
     }
+
+
+def _reads_as_number(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
 
 
 def miss_distance(target: Target, measurement: Measurement) -> float:
@@ -178,8 +196,18 @@ class Campaign:
         self.preset = Preset.load(resolve_model(spec.model, directory))
         self.space = SearchSpace(spec.bounds)
         self.plausible: Plausible = plausible_ranges(resolve_model(spec.model, directory), spec.plausible)
+        self._context_effects: dict[str, Any] | None = None
         """What a rig of this kind can measure: results outside are refused (see ``[plausible]``)."""
         self.last_suggest_seconds = math.nan
+
+    @property
+    def context_effects(self) -> dict[str, Any]:
+        """The preset's ``[context_effects]`` (read on first use: it needs the model's modules)."""
+        if self._context_effects is None:
+            from supraopt.context import load_effects
+
+            self._context_effects = load_effects(resolve_model(self.spec.model, self.directory))
+        return self._context_effects
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -262,13 +290,72 @@ class Campaign:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # --- context ----------------------------------------------------------------------------------
+
+    def check_context(
+        self, context: Mapping[str, Any] | None, where: str = "context", assume: Mapping[str, str] | None = None
+    ) -> tuple[Context, dict[str, str]]:
+        """Validate a context against ``[context]`` in campaign.toml, or against the kinds remembered
+        from each name's first use when there is no ``[context]``.
+
+        Returns the clean context (numbers as floats, levels as text; a text that reads as a number
+        is a number for a numeric context) and the kinds of names used for the first time. Raises
+        :class:`InputError` naming the bad entry; writes nothing. ``assume``: kinds of names not yet
+        remembered (a CSV file decides them over all its rows).
+        """
+        clean = validate_context(dict(context or {}), where)
+        declared = self.spec.context
+        kinds = (
+            {n: v.kind for n, v in declared.items()} if declared else dict(assume or {}) | self.ledger.context_kinds()
+        )
+        out: Context = {}
+        new: dict[str, str] = {}
+        for name, value in clean.items():
+            if declared and name not in declared:
+                raise InputError(
+                    f"{where} {name!r} is not declared: campaign.toml [context] declares {', '.join(declared)}."
+                )
+            kind = kinds.get(name) or new.get(name) or ("number" if _reads_as_number(value) else "category")
+            if kind == "number":
+                if not _reads_as_number(value):
+                    unit = f" in {declared[name].unit}" if name in declared and declared[name].unit else ""
+                    raise InputError(f"{where} {name}={value!r} is not a number: {name} is a measured number{unit}.")
+                out[name] = float(value)
+            else:
+                out[name] = value if isinstance(value, str) else f"{value:g}"
+            if name not in kinds:
+                new[name] = kind
+        return out, new
+
+    def current_context(self) -> Context:
+        """The conditions the next experiments run under (stated to ``suggest``; kept until changed)."""
+        return self.ledger.current_context()
+
+    def _context_kinds(self, contexts: Sequence[Context]) -> dict[str, str]:
+        kinds = self.ledger.context_kinds() | {n: v.kind for n, v in self.spec.context.items()}  # declared win
+        for context in contexts:
+            for name, value in context.items():
+                kinds.setdefault(name, "category" if isinstance(value, str) else "number")
+        return kinds
+
+    def _proposal_context(self, experiments: Sequence[Experiment], context: Context | None) -> Context:
+        """The context to propose for: the given one (default: the current one), completed by the
+        latest experiment's value of every name it does not state (the rig most likely still has it)."""
+        out = dict(self.ledger.current_context() if context is None else context)
+        for e in reversed(experiments):
+            for name, value in e.context.items():
+                out.setdefault(name, value)
+        return out
+
     # --- model ------------------------------------------------------------------------------------
 
-    def fit(self, experiments: Sequence[Experiment] | None = None) -> Surrogates:
-        """Fit the surrogates to the ledger (or to the given experiments)."""
+    def fit(self, experiments: Sequence[Experiment] | None = None, context: Context | None = None) -> Surrogates:
+        """Fit the surrogates to the ledger (or to the given experiments), for proposals under
+        ``context`` (default: the campaign's current context)."""
         import torch
 
         from supraopt.acquisition import HitProbability
+        from supraopt.context import ContextModel
         from supraopt.surrogate import (
             DEFAULT_N_PARTICLES,
             AlwaysFeasible,
@@ -282,6 +369,7 @@ class Campaign:
         )
 
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        context = self._proposal_context(experiments, context)
         done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
         failed = [e for e in experiments if e.status is Status.FAILED and e.failure is not None]
         open_ = [e for e in experiments if e.status in OPEN]
@@ -309,8 +397,18 @@ class Campaign:
             pdi_model = constant_gp(
                 self.space, math.log(self.spec.target.pdi_max_pct), ResidualPrior(**PLAIN_PDI_RESIDUAL)
             )
+        contexts = [e.context for e in done]
+        model = ContextModel(self._context_kinds([*contexts, context]), [*contexts, context], self.context_effects)
+        context_model = None if model.empty else model
+        if context_model is not None:
+            size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
+            z_done = torch.cat([z_done, context_model.columns(contexts)], -1)
         size.fit(z_done, torch.log(diam), size_noise)
         pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
+        if context_model is not None:
+            context_model.learn_tau(size, z_done, torch.log(diam), observed=contexts)
+            fixed = context_model.fixed(context)
+            size, pdi_model = size.at_inputs(fixed), pdi_model.at_inputs(fixed)
         ok = self.space.tensor([e.settings for e in done])
         failures = [(self.space.tensor([e.settings])[0], e.failure.reason) for e in failed if e.failure]
         feasibility: Feasibility = AlwaysFeasible()
@@ -321,19 +419,22 @@ class Campaign:
             feasibility = FeasibilityModel(preset, self.space, ok, failures)
         acquisition = HitProbability(size, pdi_model, feasibility, self.spec.target, n_typical)
         pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
-        return Surrogates(size, pdi_model, feasibility, acquisition, pending_z)
+        return Surrogates(size, pdi_model, feasibility, acquisition, pending_z, context, context_model)
 
     # --- the loop verbs ---------------------------------------------------------------------------
 
-    def propose(self, n: int = 1, experiments: Sequence[Experiment] | None = None) -> list[tuple[dict, dict]]:
-        """Compute `n` (settings, prediction) pairs without recording them."""
+    def propose(
+        self, n: int = 1, experiments: Sequence[Experiment] | None = None, context: Context | None = None
+    ) -> list[tuple[dict, dict]]:
+        """Compute `n` (settings, prediction) pairs without recording them, for runs under ``context``
+        (a checked context, default: the current one)."""
         import torch
 
         if not (isinstance(n, int) and 1 <= n <= 64):
             raise InputError(f"number of experiments n={n!r} must be an integer between 1 and 64.")
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         try:
-            return self._propose(n, experiments)
+            return self._propose(n, experiments, context)
         except torch.linalg.LinAlgError as error:
             first = (str(error).splitlines() or ["no detail"])[0]
             raise SpecError(
@@ -341,13 +442,13 @@ class Campaign:
                 "check [bounds] in campaign.toml (an envelope far wider than the rig?) and the recorded results."
             ) from None
 
-    def _propose(self, n: int, experiments: list[Experiment]) -> list[tuple[dict, dict]]:
+    def _propose(self, n: int, experiments: list[Experiment], context: Context | None) -> list[tuple[dict, dict]]:
         import torch
         from torch.quasirandom import SobolEngine
 
         from supraopt.acquisition import propose
 
-        surrogates = self.fit(experiments)
+        surrogates = self.fit(experiments, context)
         seed = (self.spec.seed * 100_003 + len(experiments)) % 2**63
         torch.manual_seed(seed)
         if len(experiments) < self.options.random_start:
@@ -360,36 +461,71 @@ class Campaign:
         predictions = surrogates.acquisition.predict(z_rounded)
         return [(s, p.to_json()) for s, p in zip(settings, predictions, strict=True)]
 
-    def suggest(self, n: int = 1) -> list[Suggestion]:
-        """Propose `n` experiments, record them as pending (with their predictions) and return them."""
+    def suggest(self, n: int = 1, context: Mapping[str, Any] | None = None) -> list[Suggestion]:
+        """Propose `n` experiments, record them as pending (with their predictions) and return them.
+
+        ``context`` states the conditions they will run under (``{"chip": "B", "room_c": 23.5}``):
+        it updates the campaign's current context, which later calls keep, and is stored with each
+        proposal. Without it the current context is used.
+        """
         start = time.perf_counter()
+        given, new_kinds = self.check_context(context)
         with self.ledger.exclusive():  # concurrent suggests see each other's pending experiments
-            pairs = self.propose(n)
-            ids = self.ledger.add_pending(pairs)
+            experiments = self.ledger.experiments()
+            current = self.ledger.current_context() | given
+            proposal_context = self._proposal_context(experiments, current)
+            pairs = self.propose(n, experiments, proposal_context)
+            ids = self.ledger.add_pending(
+                pairs,
+                context=proposal_context,
+                current_context=current if given else None,
+                context_kinds=new_kinds,
+            )
         self.last_suggest_seconds = time.perf_counter() - start
-        return [Suggestion(i, s, p) for i, (s, p) in zip(ids, pairs, strict=True)]
+        return [Suggestion(i, s, p, proposal_context) for i, (s, p) in zip(ids, pairs, strict=True)]
 
     def record(
-        self, experiment_id: str, result: Measurement | Failure, *, note: str = "", correct: bool = False
+        self,
+        experiment_id: str,
+        result: Measurement | Failure,
+        *,
+        note: str = "",
+        correct: bool = False,
+        context: Mapping[str, Any] | None = None,
     ) -> None:
         """Record what the rig measured (or that the chemistry failed) for a suggested experiment.
 
-        A measurement outside :attr:`plausible` (a fraction given as a percent, ...) is refused."""
+        The run keeps the context it was suggested under; a measurement's own ``context`` and then
+        ``context`` (e.g. ``{"chip": "C"}``: it ran on another chip) set or correct entries of it.
+        """
+        own = result.context if isinstance(result, Measurement) and result.context else {}
+        reported, kinds_reported = self.check_context(own, "measurement context")
+        given, kinds_given = self.check_context(context)
+        merged, kinds = reported | given, kinds_reported | kinds_given
+        if isinstance(result, Measurement) and result.context:
+            result = replace(result, context=None)  # its checked values are in ``merged``
         if isinstance(result, Measurement):
             self.plausible.check_measurement(result)
         if correct:
             if not note:
                 note = "corrected by user"
-            self.ledger.correct(experiment_id, result, note)
+            self.ledger.correct(experiment_id, result, note, context=merged, context_kinds=kinds)
         elif isinstance(result, Measurement):
-            self.ledger.record_measurement(experiment_id, result, note)
+            self.ledger.record_measurement(experiment_id, result, note, context=merged, context_kinds=kinds)
         else:
-            self.ledger.record_failure(experiment_id, result, note)
+            self.ledger.record_failure(experiment_id, result, note, context=merged, context_kinds=kinds)
 
-    def add_run(self, settings: dict[str, Any], result: Measurement | Failure, note: str = "") -> str:
+    def add_run(
+        self,
+        settings: dict[str, Any],
+        result: Measurement | Failure,
+        note: str = "",
+        context: Mapping[str, Any] | None = None,
+    ) -> str:
         """Record a run that supraopt did not suggest (e.g. from a lab notebook); returns its new id."""
         clean = self.space.validate(settings)
-        [experiment_id] = self.ledger.add_pending([(clean, {})])
+        ctx, kinds = self.check_context(context)
+        [experiment_id] = self.ledger.add_pending([(clean, {})], context=ctx, context_kinds=kinds)
         try:
             self.record(experiment_id, result, note=note or "added from past data")
         except LedgerError:  # pragma: no cover - the id was just created
@@ -397,7 +533,9 @@ class Campaign:
             raise
         return experiment_id
 
-    def record_many(self, rows: Sequence[tuple[str, BatchRow]], source: str = "") -> list[str]:
+    def record_many(
+        self, rows: Sequence[tuple[str, BatchRow]], source: str = "", context_kinds: dict[str, str] | None = None
+    ) -> list[str]:
         """Record many results in one transaction (all or nothing); ``rows`` pairs a label (``row 7``) with each.
 
         Settings of new runs must lie inside the bounds and measurements must be plausible; the first
@@ -411,7 +549,7 @@ class Campaign:
                     row, settings=self.space.validate(row.settings, where), note=row.note or "added from past data"
                 )
             batch.append(row)
-        return self.ledger.record_batch(batch, source)
+        return self.ledger.record_batch(batch, source, context_kinds)
 
     def status(self) -> CampaignStatus:
         experiments = self.ledger.experiments()
@@ -423,7 +561,7 @@ class Campaign:
         hit = (
             best is not None and best.measurement is not None and miss_distance(self.spec.target, best.measurement) <= 1
         )
-        return CampaignStatus(self.spec.target, counts, best, hit, experiments)
+        return CampaignStatus(self.spec.target, counts, best, hit, experiments, self.ledger.current_context())
 
     def physics_posterior(self) -> dict[str, tuple[float, float, float, float]]:
         """Fitted physics parameters: name -> (posterior mean, posterior sd, prior mean, prior sd)."""
@@ -433,6 +571,8 @@ class Campaign:
         done = [e for e in experiments if e.status is Status.DONE and e.measurement is not None]
         surrogates = self.fit(experiments)
         z = self.space.to_unit(self.space.tensor([e.settings for e in done]))
+        if surrogates.context_model is not None:
+            z = torch.cat([z, surrogates.context_model.columns([e.context for e in done])], -1)
         ys = {
             "size": torch.log(torch.tensor([e.measurement.diameter_nm for e in done], dtype=torch.double)),  # type: ignore[union-attr]
             "pdi": torch.log(
@@ -443,7 +583,8 @@ class Campaign:
         for key, gp in (("size", surrogates.size), ("pdi", surrogates.pdi)):
             mean, cov = gp.parameter_posterior(z, ys[key])
             for i, name in enumerate(gp.names):
-                prior_mean, prior_sd = self.preset.priors[name]
+                # a context offset's prior: N(0, tau^2), tau as learned
+                prior_mean, prior_sd = self.preset.priors.get(name, (0.0, float(gp.prior_sd[i])))
                 out[name] = (float(mean[i]), float(cov[i, i].clamp_min(0) ** 0.5), prior_mean, prior_sd)
         return out
 

@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from supraopt.errors import InputError, LedgerError
-from supraopt.records import Failure, Measurement
+from supraopt.records import Context, Failure, Measurement, validate_context
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -52,7 +52,7 @@ OPEN = frozenset({Status.PENDING, Status.DISPATCHED, Status.RUNNING})
 
 _KINDS = ("suggested", "dispatched", "running", "measured", "failed", "abandoned", "corrected")
 _RESULT_KINDS = ("measured", "failed", "corrected")
-_MEASUREMENT_COLUMNS = tuple(f.name for f in fields(Measurement))
+_MEASUREMENT_COLUMNS = tuple(f.name for f in fields(Measurement) if f.name != "context")
 
 
 def _one_of(column: str, values: Collection[str]) -> sa.CheckConstraint:
@@ -71,9 +71,18 @@ _experiments = sa.Table(
     sa.Column("created_at", sa.String(40), nullable=False),
     sa.Column("updated_at", sa.String(40), nullable=False),
     sa.Column("note", sa.Text, nullable=False),
+    sa.Column("context", sa.Text, nullable=True),  # JSON name -> level or number; added in 2026-12
     _one_of("status", [s.value for s in Status]),
     sqlite_autoincrement=True,
 )
+_state = sa.Table(
+    "campaign_state",  # small key -> JSON values: the current context, the kinds of context names
+    _metadata,
+    sa.Column("key", sa.String(60), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+CURRENT_CONTEXT = "current_context"
+CONTEXT_KINDS = "context_kinds"
 _events = sa.Table(
     "events",
     _metadata,
@@ -110,6 +119,8 @@ class BatchRow:
     note: str = ""
     digest: str | None = None
     """Content hash of the source row, kept in the ledger to recognise a repeated import."""
+    context: Mapping[str, Any] = field(default_factory=dict)
+    """Context of the run (merged into an open experiment's own)."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +143,8 @@ class Experiment:
     """Why the chemistry failed, when the latest result is a failure."""
     note: str
     """Abandon reason, rig message or correction note."""
+    context: Context = field(default_factory=dict)
+    """Conditions the experiment ran (or is to run) under: chip, NC batch, room temperature..."""
 
 
 def _now() -> str:
@@ -166,6 +179,12 @@ def _result_payload(result: Measurement | Failure, note: str) -> dict[str, Any]:
     if isinstance(result, Failure):
         return {"failure": result.to_json(), "note": note}
     raise InputError(f"result={result!r} must be a Measurement or a Failure.")
+
+
+def _result_context(result: Measurement | Failure, context: Mapping[str, Any] | None) -> Context:
+    """The context a result sets on its experiment: the measurement's own, then ``context`` over it."""
+    own = result.context if isinstance(result, Measurement) and result.context else {}
+    return validate_context(dict(own) | dict(context or {}))
 
 
 def _cause(exc: BaseException) -> str:
@@ -237,6 +256,18 @@ def _number_map(text: Any, what: str) -> dict[str, float]:
         raise _Damage(str(error).rstrip(".")) from None
 
 
+def _context_map(text: Any) -> dict[str, Any]:
+    if not text:
+        return {}
+    data = _json(text, "context")
+    if not isinstance(data, dict):
+        raise _Damage(f"context is {str(text)[:60]!r}, not a JSON object")
+    try:
+        return validate_context(data)
+    except InputError as error:
+        raise _Damage(str(error).rstrip(".")) from None
+
+
 def _experiment(row: sa.Row[Any]) -> Experiment:
     try:
         status = Status(row.status)
@@ -260,6 +291,7 @@ def _experiment(row: sa.Row[Any]) -> Experiment:
         measurement=measurement,
         failure=failure,
         note=str(row.note or ""),
+        context=_context_map(row.context),
     )
 
 
@@ -274,11 +306,23 @@ class Ledger:
             if self._engine.dialect.name == "sqlite":
                 _configure_sqlite(self._engine)
             _metadata.create_all(self._engine)
+            self._migrate()
         except (SQLAlchemyError, ImportError) as exc:
             raise LedgerError(
                 f"cannot open the ledger at {self._where} ({_cause(exc)}); "
                 "check the URL and that its folder or server exists and is writable."
             ) from exc
+
+    def _migrate(self) -> None:
+        """Bring a ledger written by an older supraopt up to date (adds the ``context`` column)."""
+        if "context" in {c["name"] for c in sa.inspect(self._engine).get_columns("experiments")}:
+            return
+        try:
+            with self._engine.connect() as conn, conn.begin():
+                conn.execute(sa.text("ALTER TABLE experiments ADD COLUMN context TEXT"))
+        except SQLAlchemyError:  # another process migrated it meanwhile
+            if "context" not in {c["name"] for c in sa.inspect(self._engine).get_columns("experiments")}:
+                raise
 
     def close(self) -> None:
         """Release the database connections."""
@@ -325,28 +369,90 @@ class Ledger:
         except DBAPIError as exc:
             raise LedgerError(f"the ledger at {self._where} failed ({_cause(exc)}); nothing was changed.") from exc
 
-    def add_pending(self, items: Sequence[tuple[dict[str, float], dict[str, float]]]) -> list[str]:
-        """Record suggested experiments, given as ``(settings, prediction)`` pairs; return their new ids."""
+    def add_pending(
+        self,
+        items: Sequence[tuple[dict[str, float], dict[str, float]]],
+        *,
+        context: Mapping[str, Any] | None = None,
+        current_context: Mapping[str, Any] | None = None,
+        context_kinds: Mapping[str, str] | None = None,
+    ) -> list[str]:
+        """Record suggested experiments, given as ``(settings, prediction)`` pairs; return their new ids.
+
+        ``context`` is stored with each of them; ``current_context`` (if given) becomes the
+        campaign's current context and ``context_kinds`` is added to the remembered kinds, in the
+        same transaction.
+        """
         rows = [(_numbers("setting", settings), _numbers("prediction", prediction)) for settings, prediction in items]
+        ctx = validate_context(dict(context or {}))
+        current = None if current_context is None else validate_context(dict(current_context))
+        ids = []
         with self._transaction(write=True) as conn:
             now = _now()
-            return [self._insert_pending(conn, settings, prediction, now) for settings, prediction in rows]
+            if current is not None:
+                self._put_state(conn, CURRENT_CONTEXT, current)
+            if context_kinds:
+                self._put_state(conn, CONTEXT_KINDS, self._get_state(conn, CONTEXT_KINDS) | dict(context_kinds))
+            ids = [self._insert_pending(conn, settings, prediction, now, ctx) for settings, prediction in rows]
+        return ids
+
+    @staticmethod
+    def _get_state(conn: sa.Connection, key: str) -> dict[str, Any]:
+        value = conn.execute(sa.select(_state.c.value).where(_state.c.key == key)).scalar_one_or_none()
+        return {} if value is None else dict(json.loads(value))
+
+    @staticmethod
+    def _put_state(conn: sa.Connection, key: str, value: Mapping[str, Any]) -> None:
+        if conn.execute(sa.select(_state.c.key).where(_state.c.key == key)).first() is None:
+            conn.execute(sa.insert(_state).values(key=key, value=_dumps(value)))
+        else:
+            conn.execute(sa.update(_state).where(_state.c.key == key).values(value=_dumps(value)))
+
+    def current_context(self) -> Context:
+        """The conditions the next experiments run under, as last stated to ``suggest`` (may be empty)."""
+        with self._transaction(write=False) as conn:
+            return validate_context(self._get_state(conn, CURRENT_CONTEXT))
+
+    def context_kinds(self) -> dict[str, str]:
+        """Context names met so far -> ``category`` or ``number`` (remembered from their first use)."""
+        with self._transaction(write=False) as conn:
+            return {str(k): str(v) for k, v in self._get_state(conn, CONTEXT_KINDS).items()}
+
+    def set_current_context(self, context: Mapping[str, Any]) -> None:
+        """Replace the campaign's current context."""
+        ctx = validate_context(dict(context))
+        with self._transaction(write=True) as conn:
+            self._put_state(conn, CURRENT_CONTEXT, ctx)
+
+    def remember_context_kinds(self, kinds: Mapping[str, str]) -> None:
+        """Add context names -> ``category`` | ``number`` to the remembered kinds (first use wins)."""
+        with self._transaction(write=True) as conn:
+            self._put_state(conn, CONTEXT_KINDS, dict(kinds) | self._get_state(conn, CONTEXT_KINDS))
 
     @classmethod
     def _insert_pending(
-        cls, conn: sa.Connection, settings: dict[str, float], prediction: dict[str, float], now: str
+        cls,
+        conn: sa.Connection,
+        settings: dict[str, float],
+        prediction: dict[str, float],
+        now: str,
+        context: Context | None = None,
     ) -> str:
-        values = {"status": Status.PENDING.value, "created_at": now, "updated_at": now, "note": ""}
-        values |= {"settings": _dumps(settings), "prediction": _dumps(prediction)}
+        values: dict[str, str | None] = {"status": Status.PENDING.value, "created_at": now, "updated_at": now}
+        values |= {"note": "", "settings": _dumps(settings), "prediction": _dumps(prediction)}
+        values |= {"context": _dumps(context) if context else None}
         placeholder = f"new-{uuid.uuid4().hex}"  # unique until the seq is known
         insert = sa.insert(_experiments).values(id=placeholder, **values).returning(_experiments.c.seq)
         seq = conn.execute(insert).scalar_one()
         experiment_id = f"E{seq:03d}"
         conn.execute(sa.update(_experiments).where(_experiments.c.seq == seq).values(id=experiment_id))
-        cls._append(conn, experiment_id, "suggested", now, {"settings": settings, "prediction": prediction})
+        payload: dict[str, Any] = {"settings": settings, "prediction": prediction}
+        cls._append(conn, experiment_id, "suggested", now, payload | ({"context": context} if context else {}))
         return experiment_id
 
-    def record_batch(self, rows: Sequence[BatchRow], source: str = "") -> list[str]:
+    def record_batch(
+        self, rows: Sequence[BatchRow], source: str = "", context_kinds: Mapping[str, str] | None = None
+    ) -> list[str]:
         """Record many results in ONE transaction: all of them, or (on any error or interruption) none.
 
         A row with an ``experiment_id`` records the result of that open experiment; a row without one
@@ -358,16 +464,19 @@ class Ledger:
             settings = None if row.settings is None else _numbers("setting", row.settings)
             if (row.experiment_id is None) == (settings is None):
                 raise InputError(f"a batch row needs either an experiment id or settings, not {row!r}.")
-            prepared.append((row, settings, _result_payload(row.result, row.note)))
+            prepared.append((row, settings, _result_payload(row.result, row.note), validate_context(dict(row.context))))
         ids = []
         with self._transaction(write=True) as conn:
             now = _now()
-            for row, settings, payload in prepared:
+            if context_kinds:
+                self._put_state(conn, CONTEXT_KINDS, dict(context_kinds) | self._get_state(conn, CONTEXT_KINDS))
+            for row, settings, payload, ctx in prepared:
                 if settings is not None:
-                    experiment_id = self._insert_pending(conn, settings, {}, now)
+                    experiment_id = self._insert_pending(conn, settings, {}, now, ctx)
                 else:
                     experiment_id = str(row.experiment_id)
                     self._require_open(experiment_id, self._lock(conn, experiment_id))
+                    self._merge_context(conn, experiment_id, ctx)
                 status, kind = (Status.DONE, "measured") if "measurement" in payload else (Status.FAILED, "failed")
                 self._change(conn, experiment_id, status, kind, payload, row.note)
                 if row.digest is not None:
@@ -426,20 +535,58 @@ class Ledger:
                 raise LedgerError(f"{experiment_id} has status {status} and cannot be resubmitted; suggest a new one.")
             self._change(conn, experiment_id, status, "dispatched", {"resubmitted": True, "reason": reason}, reason)
 
-    def record_measurement(self, experiment_id: str, measurement: Measurement, note: str = "") -> None:
-        """Record the result of a successful run: open -> done."""
-        self._record(experiment_id, measurement, note)
+    def record_measurement(
+        self,
+        experiment_id: str,
+        measurement: Measurement,
+        note: str = "",
+        *,
+        context: Mapping[str, Any] | None = None,
+        context_kinds: Mapping[str, str] | None = None,
+    ) -> None:
+        """Record the result of a successful run: open -> done. The measurement's own context, then
+        ``context``, are merged into the experiment's; ``context_kinds`` joins the remembered kinds."""
+        self._record(experiment_id, measurement, note, context, context_kinds)
 
-    def record_failure(self, experiment_id: str, failure: Failure, note: str = "") -> None:
+    def record_failure(
+        self,
+        experiment_id: str,
+        failure: Failure,
+        note: str = "",
+        *,
+        context: Mapping[str, Any] | None = None,
+        context_kinds: Mapping[str, str] | None = None,
+    ) -> None:
         """Record a run whose chemistry failed: open -> failed."""
-        self._record(experiment_id, failure, note)
+        self._record(experiment_id, failure, note, context, context_kinds)
 
-    def _record(self, experiment_id: str, result: Measurement | Failure, note: str) -> None:
+    def _record(
+        self,
+        experiment_id: str,
+        result: Measurement | Failure,
+        note: str,
+        context: Mapping[str, Any] | None,
+        context_kinds: Mapping[str, str] | None,
+    ) -> None:
         payload = _result_payload(result, note)
+        ctx = _result_context(result, context)
         status, kind = (Status.DONE, "measured") if "measurement" in payload else (Status.FAILED, "failed")
         with self._transaction(write=True) as conn:
             self._require_open(experiment_id, self._lock(conn, experiment_id))
-            self._change(conn, experiment_id, status, kind, payload, note)
+            self._merge_context(conn, experiment_id, ctx, context_kinds)
+            self._change(conn, experiment_id, status, kind, payload | ({"context": ctx} if ctx else {}), note)
+
+    @classmethod
+    def _merge_context(
+        cls, conn: sa.Connection, experiment_id: str, context: Context, kinds: Mapping[str, str] | None = None
+    ) -> None:
+        if kinds:
+            cls._put_state(conn, CONTEXT_KINDS, cls._get_state(conn, CONTEXT_KINDS) | dict(kinds))
+        if not context:
+            return
+        old = conn.execute(sa.select(_experiments.c.context).where(_experiments.c.id == experiment_id)).scalar_one()
+        merged = (json.loads(old) if old else {}) | context
+        conn.execute(sa.update(_experiments).where(_experiments.c.id == experiment_id).values(context=_dumps(merged)))
 
     def abandon(self, experiment_id: str, reason: str) -> None:
         """Give up on an open experiment without a chemical result (rig error, lost run, user gave up)."""
@@ -448,9 +595,18 @@ class Ledger:
             self._require_open(experiment_id, self._lock(conn, experiment_id))
             self._change(conn, experiment_id, Status.ABANDONED, "abandoned", {"reason": reason}, reason)
 
-    def correct(self, experiment_id: str, result: Measurement | Failure, note: str) -> None:
+    def correct(
+        self,
+        experiment_id: str,
+        result: Measurement | Failure,
+        note: str,
+        *,
+        context: Mapping[str, Any] | None = None,
+        context_kinds: Mapping[str, str] | None = None,
+    ) -> None:
         """Replace the result of a done or failed experiment; the old one stays in the history."""
         payload = _result_payload(result, _reason("correction note", note))
+        ctx = _result_context(result, context)
         with self._transaction(write=True) as conn:
             status = self._lock(conn, experiment_id)
             if status in OPEN:
@@ -460,7 +616,10 @@ class Ledger:
             if status is Status.ABANDONED:
                 raise LedgerError(f"{experiment_id} was abandoned and has no result to correct; suggest a new one.")
             new_status = Status.DONE if "measurement" in payload else Status.FAILED
-            self._change(conn, experiment_id, new_status, "corrected", payload, note)
+            self._merge_context(conn, experiment_id, ctx, context_kinds)
+            self._change(
+                conn, experiment_id, new_status, "corrected", payload | ({"context": ctx} if ctx else {}), note
+            )
 
     @staticmethod
     def _lock(conn: sa.Connection, experiment_id: str) -> Status:
@@ -566,12 +725,15 @@ class Ledger:
         return out
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
-        """Column names and one row per experiment, as plain Python values (what :meth:`to_frame` holds)."""
+        """Column names and one row per experiment, as plain Python values (what :meth:`to_frame` holds):
+        id, status, timestamps, settings, ``pred_*``, measurement, failure_reason, note, ``context.*``."""
         experiments = self.experiments()
         setting_names = list(dict.fromkeys(name for e in experiments for name in e.settings))
         prediction_names = list(dict.fromkeys(name for e in experiments for name in e.prediction))
+        context_names = list(dict.fromkeys(name for e in experiments for name in e.context))
         columns = ["id", "status", "created_at", "updated_at", *setting_names]
         columns += [*(f"pred_{name}" for name in prediction_names), *_MEASUREMENT_COLUMNS, "failure_reason", "note"]
+        columns += [f"context.{name}" for name in context_names]
         rows = []
         for e in experiments:
             measured = e.measurement.to_json() if e.measurement else {}
@@ -580,6 +742,7 @@ class Ledger:
                 + [e.prediction.get(n) for n in prediction_names]
                 + [measured.get(n) for n in _MEASUREMENT_COLUMNS]
                 + [e.failure.reason if e.failure else None, e.note]
+                + [e.context.get(n) for n in context_names]
             )
         return columns, rows
 

@@ -10,6 +10,7 @@ polydispersity as a coefficient of variation in percent (``pdi_pct``: 5.0 means 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -24,6 +25,43 @@ UNITS: dict[str, str] = {
     "flow_ratio": "Q_c/Q_d",
     "temperature_c": "°C",
 }
+
+
+ContextValue = str | float
+"""One context value: a category level (text, e.g. chip "B") or a measured number (e.g. 23.5 °C)."""
+Context = dict[str, ContextValue]
+"""Conditions an experiment ran under that supraopt does not set: name -> level or number."""
+
+_CONTEXT_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,39}$")
+
+
+def validate_context(data: object, where: str = "context") -> Context:
+    """Return ``data`` as a plain :data:`Context`, or raise :class:`InputError` naming the bad entry.
+
+    Names are identifiers (a letter, then letters, digits or ``_``; at most 40 characters); values
+    are non-empty texts (category levels, stripped) or finite numbers (not booleans).
+    """
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise InputError(f"{where}={data!r} must be a mapping of name -> level or number.")
+    out: Context = {}
+    for name, value in data.items():
+        if not isinstance(name, str) or not _CONTEXT_NAME.match(name):
+            raise InputError(
+                f"{where} name {name!r} must start with a letter and hold only letters, digits or _ (e.g. chip, room_c)."
+            )
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise InputError(f"{where} {name}={value!r} must be a text level or a number.")
+        if isinstance(value, str):
+            if not value.strip() or len(value) > 200:
+                raise InputError(f"{where} {name}={value!r} must be a non-empty text of at most 200 characters.")
+            out[name] = value.strip()
+        else:
+            if not math.isfinite(value):
+                raise InputError(f"{where} {name}={value} must be a finite number.")
+            out[name] = float(value)
+    return out
 
 
 def _finite(name: str, value: float, low: float, high: float) -> float:
@@ -44,13 +82,19 @@ class Proposal:
     """Stable id of the experiment; a rig must treat a second submit with it as a no-op."""
     settings: dict[str, float]
     """Parameter name (see :data:`PARAMETERS`) -> value in the unit its name carries."""
+    context: Context = field(default_factory=dict)
+    """Conditions the experiment is meant to run under (chip, NC batch, ...); may be empty."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"experiment_id": self.experiment_id, "settings": dict(self.settings)}
+        data: dict[str, Any] = {"experiment_id": self.experiment_id, "settings": dict(self.settings)}
+        if self.context:
+            data["context"] = dict(self.context)
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Proposal:
-        return cls(str(data["experiment_id"]), {k: float(v) for k, v in data["settings"].items()})
+        context = validate_context(data.get("context"))
+        return cls(str(data["experiment_id"]), {k: float(v) for k, v in data["settings"].items()}, context)
 
 
 @dataclass(frozen=True)
@@ -65,6 +109,9 @@ class Measurement:
     """Number of particles sized; sets the measurement's standard error when given."""
     droplet_um: float | None = None
     """Mean droplet diameter measured in-line, when the rig has a camera."""
+    context: Context | None = None
+    """Conditions the rig reports for this run (chip, NC batch, room temperature...); they override
+    the proposal's context in the ledger."""
 
     def __post_init__(self) -> None:
         _finite("diameter_nm", self.diameter_nm, 0.0, 1e7)
@@ -75,6 +122,8 @@ class Measurement:
             raise InputError(f"n_particles={self.n_particles!r} must be an integer of at least 2.")
         if self.droplet_um is not None:
             _finite("droplet_um", self.droplet_um, 0.0, 1e5)
+        if self.context is not None:
+            object.__setattr__(self, "context", validate_context(self.context, "measurement context") or None)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
@@ -88,6 +137,7 @@ class Measurement:
             pdi_pct=data["pdi_pct"],
             n_particles=None if n is None else int(n),
             droplet_um=None if drop is None else float(drop),
+            context=validate_context(data.get("context"), "measurement context") or None,
         )
 
 

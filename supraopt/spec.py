@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from supraopt.errors import InputError, SpecError
-from supraopt.records import PARAMETERS, PLAUSIBLE, UNITS, Plausible
+from supraopt.records import PARAMETERS, PLAUSIBLE, UNITS, Plausible, validate_context
 
 SPEC_FILE = "campaign.toml"
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -96,6 +96,45 @@ class RigSettings:
     options: dict[str, Any] = field(default_factory=dict)
 
 
+CONTEXT_KINDS = ("category", "number")
+
+
+@dataclass(frozen=True)
+class ContextVariable:
+    """A condition the campaign records but does not set: a ``category`` (chip, NC batch,
+    operator...; any text is a level) or a measured ``number`` (room temperature, NC core size...)."""
+
+    kind: str
+    unit: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONTEXT_KINDS:
+            raise SpecError(f"context kind={self.kind!r} must be one of {', '.join(CONTEXT_KINDS)}.")
+
+
+def parse_context(table: object, source: str = "campaign.toml") -> dict[str, ContextVariable]:
+    """Read a ``[context]`` table: ``name = "category" | "number"`` or ``name = { kind = ..., unit = ... }``."""
+    if not isinstance(table, dict):
+        raise SpecError(f'{source}: [context] must be a table of name = "category" | "number".')
+    out = {}
+    for name, value in table.items():
+        try:
+            validate_context({name: "x"}, "[context]")
+        except ValueError as error:
+            raise SpecError(f"{source}: {error}") from None
+        data = {"kind": value} if isinstance(value, str) else value
+        if not isinstance(data, dict) or set(data) - {"kind", "unit"} or not isinstance(data.get("unit", ""), str):
+            raise SpecError(
+                f'{source}: [context] {name}={value!r} must be "category", "number" or '
+                '{ kind = "number", unit = "°C" }.'
+            )
+        try:
+            out[name] = ContextVariable(str(data.get("kind")), str(data.get("unit", "")))
+        except SpecError as error:
+            raise SpecError(f"{source}: [context] {name}: {error}") from None
+    return out
+
+
 @dataclass(frozen=True)
 class CampaignSpec:
     """Everything that defines a campaign; the ledger holds everything that happened."""
@@ -113,6 +152,8 @@ class CampaignSpec:
     """SQLAlchemy URL; None means ``sqlite:///<campaign dir>/ledger.sqlite``."""
     plausible: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Overrides of the preset's plausible ranges (``[plausible]``), for a truly unusual system."""
+    context: dict[str, ContextVariable] = field(default_factory=dict)
+    """Declared context variables (``[context]``); empty: any name is accepted at first use."""
 
     def __post_init__(self) -> None:
         if set(self.bounds) != set(PARAMETERS):
@@ -163,6 +204,13 @@ class CampaignSpec:
         if self.plausible:
             lines += ["", "[plausible]   # overrides of the preset's plausible ranges: only for a truly unusual system"]
             lines += [f"{k} = [{low!r}, {high!r}]" for k, (low, high) in self.plausible.items()]
+        if self.context:
+            lines += ["", "[context]   # conditions recorded, not set: category or number"]
+            for name, var in self.context.items():
+                value = _toml_value(var.kind)
+                if var.unit:
+                    value = f"{{ kind = {value}, unit = {_toml_value(var.unit)} }}"
+                lines.append(f"{name} = {value}")
         return "\n".join(lines) + "\n"
 
 
@@ -215,7 +263,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 # --- strict readers: every value is checked for its type, every error names the file, table and key ---
 
-TOP_LEVEL = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop", "plausible"}
+TOP_LEVEL = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop", "plausible", "context"}
 """Keys allowed at the top of campaign.toml; a new table adds its name here and a ``_parse_<table>``."""
 
 _MISSING: Any = object()
@@ -363,6 +411,7 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: P
         loop=_parse_loop(top.table("loop", {})),
         ledger_url=None if ledger_url is None else top.text("ledger_url"),
         plausible=_parse_plausible(top.table("plausible", {})),
+        context=parse_context(top.table("context", {}), source),
     )
     try:
         check_plausible(spec, plausible_ranges(resolved, spec.plausible))

@@ -32,6 +32,7 @@ away from failures no window explains (a boiling coil, a leak).
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 import warnings
@@ -146,6 +147,7 @@ class PhysicsGP:
         names: tuple[str, ...],
         space: UnitMap,
         residual: ResidualPrior,
+        residual_dims: int | None = None,
     ) -> None:
         """
         Args:
@@ -154,18 +156,24 @@ class PhysicsGP:
             names: the `p` parameter names, for reports.
             space: maps unit-cube inputs to physical ones (``from_unit``) and knows ``dim``.
             residual: prior scales of the GP residual and the extra noise.
+            residual_dims: the residual sees only the first this many input columns (default: all);
+                the others (context level indicators, see :mod:`supraopt.context`) enter the physics only.
         """
         self.fn, self.space, self.names, self.residual = fn, space, names, residual
+        self.residual_dims = residual_dims
+        self.fixed_inputs: Tensor | None = None
         self.prior_mean, self.prior_sd = prior
         self.theta_lin = self.prior_mean.clone()
         self.model: SingleTaskGP | None = None
         self._build_prior_modules()
 
     def _modules(self) -> tuple[PhysicsMean, Kernel]:
+        dims = self.space.dim if self.residual_dims is None else self.residual_dims
         residual = ScaleKernel(
             MaternKernel(
                 nu=2.5,
-                ard_num_dims=self.space.dim,
+                ard_num_dims=dims,
+                active_dims=None if dims == self.space.dim else tuple(range(dims)),
                 lengthscale_prior=GammaPrior(3.0, 3.0 / self.residual.lengthscale_mean),
             ),
             outputscale_prior=GammaPrior(2.0, 2.0 / self.residual.sd**2),
@@ -239,8 +247,21 @@ class PhysicsGP:
             )
         return {k: v for k, v in model.state_dict().items() if "raw_" in k}
 
+    def at_inputs(self, fixed: Tensor) -> PhysicsGP:
+        """This GP seen as a GP on fewer inputs: :meth:`moments` and :meth:`joint` append the columns
+        ``fixed`` to every point (a campaign's context: the acquisition then sees the 3 controls only)."""
+        view = copy.copy(self)
+        view.fixed_inputs = fixed
+        return view
+
+    def _inputs(self, z: Tensor) -> Tensor:
+        if self.fixed_inputs is None:
+            return z
+        return torch.cat([z, self.fixed_inputs.to(z).expand(*z.shape[:-1], -1)], -1)
+
     def moments(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean and variance (`n` each) at unit-cube points; differentiable in ``z``."""
+        z = self._inputs(z)
         with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
             if self.model is None:
                 mean = self.prior_mean_module(z)
@@ -251,6 +272,7 @@ class PhysicsGP:
 
     def joint(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean `n` and covariance `n x n` at unit-cube points."""
+        z = self._inputs(z)
         with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
             if self.model is None:
                 return self.prior_mean_module(z), self.prior_covar_module(z).to_dense()

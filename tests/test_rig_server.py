@@ -443,6 +443,7 @@ def test_the_openapi_schema_is_precise(client: httpx.Client) -> None:
     assert set(schema["paths"]) == {
         "/v1/health",
         "/v1/limits",
+        "/v1/context",
         "/v1/runs/{experiment_id}",
         "/v1/runs/{experiment_id}/cancel",
     }

@@ -29,6 +29,14 @@ def benchmark(
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for the CSV files and the plot.")] = Path("benchmark-results"),
     latency: Annotated[bool, typer.Option(help="Also time suggestions for 10-1000 recorded runs.")] = True,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="stationary (experiments to the first hit), chip-swap or batch-swap (after the first hit the "
+            "droplet prefactor or the packing moves by 10-20 %: experiments to hit again, told through "
+            "context or not)."
+        ),
+    ] = "stationary",
 ) -> None:
     """Measure experiments-to-target against plain BO and random search on many simulated worlds."""
     from rich.progress import Progress
@@ -36,6 +44,11 @@ def benchmark(
     from supraopt import benchmark as bench
 
     with user_errors():
+        if scenario not in bench.SCENARIOS:
+            raise InputError(f"unknown scenario {scenario!r}: choose from {', '.join(bench.SCENARIOS)}.")
+        if bench.SCENARIOS[scenario] is not None:
+            swap_benchmark(scenario, quick, worlds, targets, budget, strategy, spread, model, seed, workers, out)
+            return
         chosen = strategy or (["supraopt", "plain-bo", "random"] if quick else list(bench.STRATEGIES))
         unknown = set(chosen) - set(bench.STRATEGIES)
         if unknown:
@@ -74,3 +87,53 @@ def benchmark(
         for row in lat.itertuples(index=False):
             table.add_row(str(row.runs), str(row.batch), f"{row.median_s:.3f}", f"{row.max_s:.3f}")
         console.print(table)
+
+
+def swap_benchmark(
+    scenario: str,
+    quick: bool,
+    worlds: int,
+    targets: int,
+    budget: int,
+    strategy: list[str] | None,
+    spread: float,
+    model: str,
+    seed: int,
+    workers: int,
+    out: Path,
+) -> None:
+    """``--scenario chip-swap|batch-swap``: experiments to hit again after the rig changed."""
+    from rich.progress import Progress
+
+    from supraopt import benchmark as bench
+
+    modes = strategy or list(bench.SWAP_MODES)
+    unknown = set(modes) - set(bench.SWAP_MODES)
+    if unknown:
+        raise InputError(
+            f"--scenario {scenario} runs the modes {', '.join(bench.SWAP_MODES)}, not {sorted(unknown)[0]!r}."
+        )
+    if quick:
+        worlds, targets = min(worlds, 8), min(targets, 2)
+    tasks = bench.make_tasks(worlds, targets, modes, budget, seed, spread, 0.03, 6.0, model, scenario)
+    out.mkdir(parents=True, exist_ok=True)
+    with Progress(console=console) as progress:
+        bar = progress.add_task(f"{len(tasks)} campaigns", total=len(tasks))
+        results = bench.run_tasks(tasks, workers, lambda _: progress.advance(bar))
+    summary = bench.summarise_swap(results)
+    bench.pd.DataFrame(results).to_csv(out / f"{scenario}-campaigns.csv", index=False)
+    summary.to_csv(out / f"{scenario}-summary.csv", index=False)
+    swap = bench.SCENARIOS[scenario]
+    assert swap is not None
+    table = Table(
+        title=f"{scenario}: experiments to hit again after {swap.field} moved by ±{swap.low:.0%}-{swap.high:.0%} "
+        f"(after a first hit; {bench.AFTER_SWAP_BUDGET} allowed, a miss counts {bench.AFTER_SWAP_BUDGET + 1})"
+    )
+    short = {"campaigns": "n", "first_hit_median": "1st hit", "rehit_median": "re-hit median"}
+    short |= {"rehit_p90": "re-hit p90", "rehit<=2": "≤ 2", "rehit<=3": "≤ 3", "median_latency_s": "latency s"}
+    for column in summary.columns:
+        table.add_column(short.get(column, column), justify="right")
+    for row in summary.itertuples(index=False):
+        table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
+    console.print(table)
+    console.print(f"Wrote {out}/{scenario}-campaigns.csv and {scenario}-summary.csv.")

@@ -25,6 +25,32 @@ from supraopt.cli._common import (
 from supraopt.errors import InputError
 from supraopt.records import Failure, Measurement
 
+ContextOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--context",
+        help="A condition of the run(s), NAME=VALUE (repeatable): a level (chip=B, nc_batch=2024-03) or a "
+        "measured number (room_c=23.5). Declare names in campaign.toml \\[context] or just use them.",
+    ),
+]
+
+
+def parse_context_options(items: list[str] | None) -> dict[str, str] | None:
+    """``["chip=B", "room_c=23.5"]`` -> ``{"chip": "B", "room_c": "23.5"}`` (kinds are checked by the campaign)."""
+    if not items:
+        return None
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise InputError(f"--context {item!r} must look like NAME=VALUE, e.g. --context chip=B.")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def context_text(context: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in context.items())
+
 
 @app.command()
 def init(
@@ -61,14 +87,21 @@ def suggest(
     directory: CampaignDir,
     n: Annotated[int, typer.Option("-n", "--n", help="How many experiments to propose (a batch).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+    context: ContextOption = None,
 ) -> None:
-    """Propose the next experiment(s), print them and mark them pending in the ledger."""
-    with user_errors(), open_campaign(directory) as campaign:
-        from supraopt.torchfast import threads_for
+    """Propose the next experiment(s), print them and mark them pending in the ledger.
 
-        threads_for(len(campaign.ledger.experiments()))
-        suggestions = campaign.suggest(n)
-        target = campaign.spec.target
+    --context states the conditions they will run under (a new chip, NC batch, the room temperature):
+    it is stored with each and stays the campaign's current context for later suggestions.
+    """
+    with user_errors():
+        given = parse_context_options(context)
+        with open_campaign(directory) as campaign:
+            from supraopt.torchfast import threads_for
+
+            threads_for(len(campaign.ledger.experiments()))
+            suggestions = campaign.suggest(n, context=given)
+            target = campaign.spec.target
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
@@ -92,6 +125,8 @@ def suggest(
         "pred. d: predicted SP diameter ± sd, nm · pred. PDI: predicted polydispersity ± sd, %",
         "P(feas.): probability the run gives supraparticles · P(hit): probability it hits the target",
     )
+    if suggestions[0].context:
+        console.print(f"Context: {context_text(suggestions[0].context)}", highlight=False)
     first = suggestions[0].experiment_id
     console.print(f"When measured: supraopt record {directory} {first} --diameter-nm X --pdi Y --n-particles N")
 
@@ -131,14 +166,18 @@ def record(
     allow_duplicates: Annotated[
         bool, typer.Option("--allow-duplicates", help="With --csv: record rows again that were imported before.")
     ] = False,
+    context: ContextOption = None,
 ) -> None:
     """Record a measured result (or a failed run) for a suggested experiment, or many from a CSV.
+
+    The run keeps the context it was suggested under; --context sets or corrects entries for this run.
 
     A CSV import is all or nothing: every row is checked first, then all are written in one
     transaction, so an error or Ctrl-C leaves the ledger unchanged. Rows imported before are refused
     unless --skip-duplicates or --allow-duplicates says what to do with them.
     """
     with user_errors():
+        stated = parse_context_options(context)
         if pdi_unit not in ("%", "fraction"):
             raise InputError(f"--pdi-unit {pdi_unit!r} must be '%' or 'fraction'.")
         if csv is not None:
@@ -152,6 +191,7 @@ def record(
                 "--note": note or None,
                 "--correct": correct or None,
                 "--pdi-unit": None if pdi_unit == "%" else pdi_unit,
+                "--context (give context in CSV columns context.NAME)": stated or None,
             }
             given = [name for name, value in single.items() if value is not None]
             if given:
@@ -173,7 +213,7 @@ def record(
             raise InputError(f"--sheet {sheet!r} needs --csv FILE.xlsx.")
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
-            campaign.record(experiment_id, result, note=note, correct=correct)
+            campaign.record(experiment_id, result, note=note, correct=correct, context=stated)
             hit = isinstance(result, Measurement) and campaign.spec.target.is_hit(result.diameter_nm, result.pdi_pct)
     verdict = " — target hit!" if hit else ""
     console.print(f"Recorded {experiment_id}{verdict}")
@@ -236,8 +276,9 @@ def status(
         print(json.dumps(state.to_json(), indent=2, default=str))
         return
     t = state.target
+    with_context = any(e.context for e in state.experiments)
     table = compact_table(
-        ["id", "status", *SETTING_HEADERS, "pred. d", "d", "PDI", "hit"],
+        ["id", "status", *SETTING_HEADERS, "pred. d", "d", "PDI", "hit"] + (["context"] if with_context else []),
         f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %",
     )
     for e in state.experiments:
@@ -252,6 +293,7 @@ def status(
             measured,
             fmt(m.pdi_pct) if m else "",
             hit,
+            *([context_text(e.context)] if with_context else []),
         )
     console.print(table)
     print_legend(
@@ -264,6 +306,8 @@ def status(
         b = state.best.measurement
         word = "Target hit" if state.hit else "Best so far (target not hit yet)"
         console.print(f"{word}: {state.best.id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %.")
+    if state.context:
+        console.print(f"Current context (next experiments): {context_text(state.context)}.", highlight=False)
 
 
 @app.command()

@@ -9,6 +9,8 @@ polydispersity fraction sent as percent: below 0.5 %) is abandoned as an invalid
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from supraopt.errors import InputError, LedgerError, RigError
 from supraopt.ledger import OPEN
 from supraopt.loop.dispatch import get_limits, submit
@@ -75,7 +77,14 @@ def record(r: Runner, flight: Flight, result: Measurement | Failure, message: st
     if not r.still_open(flight.id):
         return
     try:
-        r.campaign.record(flight.id, result, note=message)
+        try:
+            r.campaign.record(flight.id, result, note=message)
+        except InputError as error:  # the measurement's context (names, kinds) is bad, not the result
+            if not (isinstance(result, Measurement) and result.context):
+                raise
+            r.emit(Event("warning", flight.id, message=f"{flight.id}: ignoring the context the rig reported: {error}"))
+            result = replace(result, context=None)
+            r.campaign.record(flight.id, result, note=message)
     except LedgerError:
         current = r.ledger.get(flight.id)
         if current.status in OPEN:

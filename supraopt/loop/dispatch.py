@@ -7,7 +7,9 @@ as "refused", never sent), marked DISPATCHED in the ledger, and only then submit
 
 from __future__ import annotations
 
-from supraopt.errors import LedgerError, LimitViolation, RigError, SpecError
+from typing import Any
+
+from supraopt.errors import InputError, LedgerError, LimitViolation, RigError, SpecError
 from supraopt.ledger import OPEN, Experiment, Status
 from supraopt.loop.events import Event, StopReason
 from supraopt.loop.rigcall import crash_point, submit_within_limits
@@ -24,13 +26,30 @@ def fill(r: Runner, room: int) -> None:
     for e in pending:
         r.emit(Event("resuming", e.id, e.settings, e.prediction, message="(pending in the ledger)"))
     if len(pending) < room:
-        suggestions = r.campaign.suggest(room - len(pending))
+        suggestions = r.campaign.suggest(room - len(pending), context=rig_context(r))
         crash_point("after_suggest")
         for s in suggestions:
             r.emit(Event("suggested", s.experiment_id, s.settings, s.prediction))
         pending += [r.ledger.get(s.experiment_id) for s in suggestions]
     for e in pending:
         dispatch(r, e, limits)
+
+
+def rig_context(r: Runner) -> dict[str, Any] | None:
+    """What the adapter's optional ``context()`` says is mounted now (chip, NC batch...), checked; None
+    (keep the campaign's current context) without the method, on a rig error or an invalid answer."""
+    if r.rig.context is None:
+        return None
+    try:
+        reported = r.rig.context()
+        if reported is None:
+            return None
+        return r.campaign.check_context(reported, "rig context")[0]
+    except InputError as error:
+        r.emit(Event("warning", message=f"ignoring the rig's context: {error}"))
+    except Exception as error:
+        r.emit(Event("warning", message=f"rig.context() failed ({error}); keeping the campaign's current context."))
+    return None
 
 
 def get_limits(r: Runner) -> RigLimits | None:
@@ -76,7 +95,7 @@ def dispatch(r: Runner, experiment: Experiment, limits: RigLimits) -> None:
 
 def submit(r: Runner, flight: Flight, limits: RigLimits, label: str) -> bool:
     """Submit (again) within the limits; True when the rig accepted it."""
-    proposal = Proposal(flight.id, dict(flight.experiment.settings))
+    proposal = Proposal(flight.id, dict(flight.experiment.settings), dict(flight.experiment.context))
     try:
         problems = submit_within_limits(r.rig.submit, limits, proposal)
     except LimitViolation as error:

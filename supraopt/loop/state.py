@@ -64,13 +64,17 @@ class RigCalls:
     limits: RigCall
     submit: RigCall
     poll: RigCall
+    context: RigCall | None = None
+    """The optional ``context()`` (chip, NC batch now mounted...), when the adapter has one."""
 
     @classmethod
     def wrap(cls, rig: Rig, timeout_s: float) -> RigCalls:
+        context = getattr(rig, "context", None)
         return cls(
             RigCall("limits", rig.limits, timeout_s),
             RigCall("submit", rig.submit, timeout_s),
             RigCall("poll", rig.poll, timeout_s),
+            RigCall("context", context, timeout_s) if callable(context) else None,
         )
 
 

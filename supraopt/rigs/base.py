@@ -29,6 +29,10 @@ Contract:
   runner stops at once and shows its traceback.
 * ``limits`` gives the hard bounds; the runner checks every proposal against them right before
   ``submit`` and never sends one outside them.
+* Optional: ``context() -> dict[str, str | float] | None`` says what is mounted now (``{"chip":
+  "B", "nc_batch": "2024-03"}``); the runner asks it before each suggestion and stores it with the
+  experiments. ``proposal.context`` tells the adapter what a run is meant for, and a
+  ``Measurement(..., context=...)`` overrides it for that run.
 """
 
 from __future__ import annotations

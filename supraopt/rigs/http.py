@@ -45,7 +45,7 @@ from urllib.parse import quote
 import httpx
 
 from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout
-from supraopt.records import Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
+from supraopt.records import Failure, Measurement, Proposal, RigLimits, RunState, RunStatus, validate_context
 
 TOKEN_ENV = "SUPRAOPT_RIG_TOKEN"
 """Environment variable holding the bearer token (on both ends) unless ``token_env`` names another."""
@@ -159,7 +159,10 @@ class HttpRig:
                 f"experiment {proposal.experiment_id} not sent: {', '.join(bad)} is not a finite number."
             )
         path = self._run_path(proposal.experiment_id)
-        self._call(f"submit({proposal.experiment_id!r})", "PUT", path, {"settings": settings})
+        body: dict[str, Any] = {"settings": settings}
+        if proposal.context:  # only then: a server from before context existed forbids the field
+            body["context"] = dict(proposal.context)
+        self._call(f"submit({proposal.experiment_id!r})", "PUT", path, body)
 
     def poll(self, experiment_id: str) -> RunStatus:
         body = self._call(f"poll({experiment_id!r})", "GET", self._run_path(experiment_id))
@@ -167,6 +170,20 @@ class HttpRig:
 
     def cancel(self, experiment_id: str) -> None:
         self._call(f"cancel({experiment_id!r})", "POST", self._run_path(experiment_id) + "/cancel")
+
+    def context(self) -> dict[str, str | float] | None:
+        """What the rig reports as mounted now (chip, NC batch...: ``GET /v1/context``); None when it
+        reports nothing or the server predates context."""
+        try:
+            body = self._call("context()", "GET", "/context")
+        except RigError as error:
+            if "(404)" in str(error):
+                return None
+            raise
+        try:
+            return validate_context(body["context"], "rig context") or None
+        except (KeyError, TypeError) as error:
+            raise RigError(f"the rig server at {self.url} sent an invalid context: {_short(body)}.") from error
 
     def _run_path(self, experiment_id: str) -> str:
         return f"/runs/{quote(self.id_prefix + str(experiment_id), safe='')}"

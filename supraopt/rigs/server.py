@@ -52,7 +52,16 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout
-from supraopt.records import PARAMETERS, Failure, Measurement, Proposal, RigLimits, RunState, RunStatus
+from supraopt.records import (
+    PARAMETERS,
+    Failure,
+    Measurement,
+    Proposal,
+    RigLimits,
+    RunState,
+    RunStatus,
+    validate_context,
+)
 from supraopt.rigs import load_rig
 from supraopt.rigs.base import Rig
 from supraopt.rigs.http import API_PREFIX, INVALID_RESULT, TOKEN_ENV
@@ -93,6 +102,16 @@ class SubmitRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     settings: Settings
+    context: dict[str, str | Finite] | None = Field(
+        default=None,
+        description="Optional conditions the run is meant for (chip, NC batch...: name -> level or number).",
+    )
+
+
+class ContextOut(BaseModel):
+    """What the rig reports as mounted now (chip, NC batch...); empty when the adapter reports nothing."""
+
+    context: dict[str, str | float] = Field(default_factory=dict)
 
 
 class MeasurementOut(BaseModel):
@@ -102,6 +121,9 @@ class MeasurementOut(BaseModel):
     pdi_pct: float = Field(description="Polydispersity: coefficient of variation of the diameter, percent.")
     n_particles: int | None = Field(default=None, description="Number of particles sized.")
     droplet_um: float | None = Field(default=None, description="Mean droplet diameter measured in-line, µm.")
+    context: dict[str, str | float] | None = Field(
+        default=None, description="Conditions the rig reports for this run (chip, NC batch, room temperature...)."
+    )
 
 
 class FailureOut(BaseModel):
@@ -269,6 +291,10 @@ def create_app(rig: Rig, token: str, *, state_dir: str | os.PathLike[str] | None
     def submit(experiment_id: ExperimentId, request: SubmitRequest, response: Response) -> RunOut:
         """Start a run (201), or return the run already started under this id (200). Idempotent."""
         settings = request.settings.model_dump()
+        try:
+            context = validate_context(request.context, "context")
+        except InputError as error:
+            raise ApiError(422, "invalid_request", str(error)) from None
         with lock:
             limits = limits_now()
             problems = limits.violations(settings)
@@ -295,12 +321,25 @@ def create_app(rig: Rig, token: str, *, state_dir: str | os.PathLike[str] | None
             registry.claim(experiment_id, settings)
             try:
                 with adapter(f"submit({experiment_id!r})"):
-                    rig.submit(Proposal(experiment_id, settings))
+                    rig.submit(Proposal(experiment_id, settings, context))
             except ApiError as error:
                 if error.kind == "limits" and known is None:
                     registry.release(experiment_id)  # refused by the adapter: the id was never used
                 raise
             return status_now(experiment_id)
+
+    @router.get("/context", response_model=ContextOut, responses=RIG_ERRORS)
+    def get_context() -> ContextOut:
+        """What the rig reports as mounted now (the adapter's optional ``context()``), e.g. ``{"chip": "B"}``."""
+        method = getattr(rig, "context", None)
+        if not callable(method):
+            return ContextOut()
+        with lock, adapter("context()"):
+            reported = method()
+        try:
+            return ContextOut(context=validate_context(reported, "rig context"))
+        except InputError as error:
+            raise ApiError(503, "rig_error", f"rig.context() returned {_short(reported)}: {error}") from None
 
     @router.get("/runs/{experiment_id}", response_model=RunOut, responses={**INVALID, **RIG_ERRORS})
     def poll(experiment_id: ExperimentId) -> RunOut:

@@ -514,6 +514,11 @@ class SimulatedRig:
             Neither given: runs are kept in memory only.
         limits: parameter -> [low, high] overriding the preset's bounds.
         clock: seconds since the epoch (tests pass a fake); must agree across restarts.
+        context_worlds: context name -> level -> World fields that level overrides, to play chip or
+            NC batch swaps, e.g. ``{"chip": {"B": {"droplet_k": 1.35}}}`` (levels not listed: no change).
+        mounted: context name -> level mounted now (e.g. ``{"chip": "A"}``); :meth:`mount` swaps it.
+        report_context: whether :meth:`context` and each measurement tell what was mounted (False plays a
+            rig that changes under the campaign without saying so).
         **world_options: any :class:`World` field, overriding the chosen world's value.
     """
 
@@ -527,6 +532,9 @@ class SimulatedRig:
         limits: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.time,
         state_dir: str | os.PathLike[str] | None = None,
+        context_worlds: dict[str, dict[str, dict[str, Any]]] | None = None,
+        mounted: dict[str, str] | None = None,
+        report_context: bool = True,
         **world_options: Any,
     ) -> None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -535,6 +543,15 @@ class SimulatedRig:
             raise InputError(f"simulated rig duration_s={duration_s!r} must be a non-negative number of seconds.")
         base = World.default(preset) if world_seed is None else World.random(world_seed, preset)
         self.world = World.from_options(world_options, base)
+        self.context_worlds = {
+            str(k): {str(lv): dict(o) for lv, o in v.items()} for k, v in (context_worlds or {}).items()
+        }
+        for levels in self.context_worlds.values():
+            for overrides in levels.values():
+                World.from_options(overrides, self.world)  # unknown names fail now, not at the first run
+        self.mounted: dict[str, str] = {}
+        self.report_context = bool(report_context)
+        self.mount(**(mounted or {}))
         self.seed = seed
         self.duration_s = float(duration_s)
         self.clock = clock
@@ -560,6 +577,24 @@ class SimulatedRig:
     def limits(self) -> RigLimits:
         return self._limits
 
+    def mount(self, **levels: str) -> None:
+        """Swap what is mounted, e.g. ``mount(chip="B")``: later runs use that level's world."""
+        for name, level in levels.items():
+            if not isinstance(level, str) or not level.strip():
+                raise InputError(f"simulated rig mounted {name}={level!r} must be a non-empty level name.")
+            self.mounted[name] = level
+
+    def context(self) -> dict[str, str] | None:
+        """What is mounted now (None when the rig does not report it)."""
+        return dict(self.mounted) if self.report_context and self.mounted else None
+
+    def world_for(self, mounted: dict[str, str]) -> World:
+        """The world of runs made with ``mounted`` levels."""
+        overrides: dict[str, Any] = {}
+        for name, level in mounted.items():
+            overrides |= self.context_worlds.get(name, {}).get(level, {})
+        return World.from_options(overrides, self.world) if overrides else self.world
+
     def submit(self, proposal: Proposal) -> None:
         """Accept a run; a known id is a no-op; settings outside the limits raise LimitViolation."""
         if proposal.experiment_id in self.book:
@@ -568,7 +603,9 @@ class SimulatedRig:
         if problems:
             raise LimitViolation(f"experiment {proposal.experiment_id} not submitted: {'; '.join(problems)}.")
         settings = {name: float(proposal.settings[name]) for name in PARAMETERS}
-        self.book.claim(Proposal(proposal.experiment_id, settings), submitted_at=self.clock())
+        self.book.claim(
+            Proposal(proposal.experiment_id, settings), submitted_at=self.clock(), mounted=dict(self.mounted)
+        )
 
     def poll(self, experiment_id: str) -> RunStatus:
         run = self.book.get(experiment_id)
@@ -578,7 +615,10 @@ class SimulatedRig:
             return run.status()
         if not self._finished(run):
             return RunStatus(experiment_id, RunState.RUNNING)
-        result = self.world.sample(run.settings, self._rng(experiment_id))
+        mounted = {str(k): str(v) for k, v in run.info.get("mounted", {}).items()}
+        result = self.world_for(mounted).sample(run.settings, self._rng(experiment_id))
+        if isinstance(result, Measurement) and mounted and self.report_context:
+            result = dataclasses.replace(result, context=dict(mounted))
         return self.book.finish(experiment_id, result).status()
 
     def cancel(self, experiment_id: str) -> None:
