@@ -523,7 +523,7 @@ class StageFit:
     """One stage fitted to all its runs, with its cross-validation (None when skipped)."""
 
     stage: Stage
-    gps: dict[str, PhysicsGP]
+    gps: dict[str, ContextGP]
     """Outcome column -> the physics + GP model fitted to all runs."""
     posteriors: dict[str, Posterior]
     cv: CVResult | None
@@ -597,7 +597,8 @@ def fit_stage(stage: Stage, folds: int = 5, seed: int = 0) -> StageFit:
     gps, posteriors, scales = {}, {}, {}
     with quiet_fitting():
         for o in stage.outcomes:
-            gp = o.gp(stage.space).fit(z, o.y, o.yvar, relinearise=o.relinearise)
+            gp = o.gp(stage.space)
+            gp.fit(z, o.y, o.yvar, relinearise=o.relinearise)
             mean, cov = gp.parameter_posterior(z, o.y)
             sds = [
                 torch.full((len(off.levels),), sd / abs(off.gain))
@@ -749,7 +750,7 @@ class FitResult:
                 if context.kind == CATEGORY:
                     used = []
                     for column, gp in stage.gps.items():
-                        offsets = next((o for o in getattr(gp, "offsets", ()) if o.context == context.column), None)
+                        offsets = next((o for o in gp.offsets if o.context == context.column), None)
                         if offsets is not None:
                             sd = gp.between_sds()[gp.offsets.index(offsets)]
                             used.append(
