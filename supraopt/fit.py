@@ -32,7 +32,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +44,9 @@ from botorch.exceptions.warnings import InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import SingleTaskGP
 from gpytorch.kernels import Kernel
+from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
-from gpytorch.priors import LogNormalPrior
+from gpytorch.priors import GammaPrior, LogNormalPrior
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
@@ -59,6 +60,7 @@ from supraopt.spec import SPEC_FILE, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     DROPLET_NOISE_SD,
+    MAX_CHOLESKY,
     PDI_RESIDUAL,
     SIZE_RESIDUAL,
     FeasibilityModel,
@@ -203,6 +205,10 @@ class LevelOffsetKernel(Kernel):
         return scale * (a @ b.transpose(-1, -2))
 
 
+HYPER_SUBSET = 1000
+"""Residual hyperparameters of a fit are set on at most this many runs (the campaign's GPs use 300)."""
+
+
 class ContextGP(PhysicsGP):
     """:class:`~supraopt.surrogate.PhysicsGP` with per-level offsets of categorical contexts (fit layer only).
 
@@ -219,6 +225,29 @@ class ContextGP(PhysicsGP):
         for offsets in self.offsets:
             kernel = kernel + LevelOffsetKernel(offsets)
         return mean, kernel.to(torch.double)
+
+    def _fit_hypers(self, z: Tensor, y: Tensor, yvar: Tensor, mean: Any, kernel: Kernel) -> dict[str, Tensor]:
+        """MAP hyperparameters as :class:`~supraopt.surrogate.PhysicsGP` does, but on up to :data:`HYPER_SUBSET` runs.
+
+        Past-data fits are one-off and pool devices: a residual with that much structure needs more than
+        a 300-run subset to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %).
+        """
+        if z.shape[0] > HYPER_SUBSET:
+            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:HYPER_SUBSET]
+            z, y, yvar = z[keep], y[keep], yvar[keep]
+        likelihood = FixedNoiseGaussianLikelihood(
+            noise=yvar.clamp_min(1e-8),
+            learn_additional_noise=True,
+            noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
+        )
+        likelihood.second_noise_covar.noise = self.residual.noise_sd**2
+        model = SingleTaskGP(
+            z, y.unsqueeze(-1), likelihood=likelihood, mean_module=mean, covar_module=kernel, outcome_transform=None
+        ).to(torch.double)
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+            mll = ExactMarginalLogLikelihood(likelihood, model)
+            fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 60}})
+        return {k: v for k, v in model.state_dict().items() if "raw_" in k}
 
     def between_sds(self) -> list[float]:
         """The fitted between-level sd of each category (log-outcome scale)."""
@@ -278,6 +307,10 @@ class Outcome:
     def gp(self, space: InputBox | SearchSpace | JoinedBox, physics_only: bool = False) -> ContextGP:
         """The physics + GP model, or with the residual switched off (its misfit then counts as noise)."""
         residual = ResidualPrior(sd=1e-4, noise_sd=self.residual.sd) if physics_only else self.residual
+        if space.dim > 3:
+            # typical distances in a d-dimensional unit cube grow like sqrt(d): so does the prior lengthscale
+            # (Hvarfner et al. 2024; BoTorch's default since 0.12), else extra inputs make small fits wiggly
+            residual = replace(residual, lengthscale_mean=residual.lengthscale_mean * math.sqrt(space.dim / 3))
         return ContextGP(self.fn, self.prior, self.names, space, residual, offsets=self.offsets)
 
     @property
