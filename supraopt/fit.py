@@ -56,7 +56,7 @@ from supraopt.errors import InputError
 from supraopt.pastdata import CATEGORY, DROPLET_INPUTS, SP_INPUTS, Context, Runs, read_runs
 from supraopt.physics import PhysicsFn, Preset
 from supraopt.space import SearchSpace
-from supraopt.spec import SPEC_FILE, preset_path, read_toml
+from supraopt.spec import SPEC_FILE, Target, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     DROPLET_NOISE_SD,
@@ -802,15 +802,14 @@ class FitResult:
     def prior_updates(self, floor: float = TRANSFER_FLOOR) -> dict[str, tuple[float, float]]:
         """Preset parameter -> (posterior mean, max(posterior sd, floor x preset sd)) for a new campaign."""
         base = Preset.load(self.model)
+        problem = transfer_problem(self.runs, base)
+        if problem is not None:
+            raise InputError(problem)
         if self.sp is not None:
             posteriors = list(self.sp.posteriors.values())
-        elif self.droplet is not None and self.droplet.stage.own_law:
-            posteriors = list(self.droplet.posteriors.values())
         else:
-            raise InputError(
-                "the droplet data use inputs the preset's droplet law lacks (capillary number, orifice width, "
-                "aspect ratio), so there is no preset prior to update; --into needs SP diameters."
-            )
+            assert self.droplet is not None  # transfer_problem says no when neither stage was fitted
+            posteriors = list(self.droplet.posteriors.values())
         updates = {}
         for p in posteriors:
             for i, name in enumerate(p.names):
@@ -819,6 +818,53 @@ class FitResult:
                 sd = max(float(p.sd[i]), floor * base.priors[name][1])
                 updates[name] = (float(p.mean[i]), sd)
         return updates
+
+
+def transfer_problem(runs: Runs, preset: Preset) -> str | None:
+    """Why a fit of these runs cannot seed a campaign on ``preset`` (``fit --into``), None when it can.
+
+    Known before any fitting, so ``fit --into`` refuses at once. SP diameters always transfer. Droplet
+    sizes alone transfer only the preset's own droplet law (flow ratio and temperature), and only when
+    the data state the orifice width and it is the preset's nozzle: without a width, a fitted ``k``
+    is ``k * w`` of some other device (a 150 µm chip read as the 5 µm nozzle puts ``log_droplet_k``
+    many prior sds away and the first suggestion in a corner), so the preset's droplet law is kept
+    and ``--into`` refuses rather than carry the other device's law in.
+    """
+    if runs.has_sp:
+        return None
+    stage = droplet_stage(runs, preset) if runs.has_droplets else None
+    if stage is None:
+        return "the droplet sizes have no varying flow condition, so there is nothing to transfer; --into needs SP diameters."
+    same_law = set(stage.outcomes[0].all_names) <= set(physics.DROPLET_PARAMETERS)
+    if same_law and not stage.own_law:
+        width = float(runs.frame["orifice_width_um"].iloc[0])
+        return (
+            f"the droplets come from a {width:g} µm orifice, not the preset's {preset.nozzle_um:g} µm nozzle; --into "
+            "keeps the preset's droplet law and refuses (--into needs SP diameters, or droplets from that nozzle)."
+        )
+    if not stage.own_law:
+        return (
+            "the droplet data use inputs the preset's droplet law lacks (capillary number, orifice width, aspect "
+            "ratio, contexts), so there is no preset prior to update; --into needs SP diameters."
+        )
+    if "orifice_width_um" not in runs.frame:
+        return (
+            f"the droplet data give no orifice width, so their droplet law may be another device's; --into keeps "
+            f"the preset's droplet law (nozzle {preset.nozzle_um:g} µm) and refuses: add a column with the orifice "
+            "width (--map orifice_width=COLUMN) if they come from that nozzle, else --into needs SP diameters."
+        )
+    return None
+
+
+def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> None:
+    """Everything ``fit --into DIR --target-nm X`` needs, checked before the fit (nothing is written on a refusal)."""
+    check_new_campaign_dir(directory)
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--into {directory} is a file; pick a new folder.")
+    Target(float(target_nm))  # a bad target fails here, not after the fit
+    problem = transfer_problem(runs, Preset.load(model))
+    if problem is not None:
+        raise InputError(problem)
 
 
 def fit_runs(
@@ -967,7 +1013,7 @@ def seed_campaign(result: FitResult, directory: str | Path, target_nm: float, **
     them twice would make the campaign overconfident.
     """
     directory = Path(directory)
-    check_new_campaign_dir(directory)
+    check_into(result.runs, result.model, directory, target_nm)
     result.prior_updates()  # fails early, before anything is written, when there is nothing to transfer
     directory.mkdir(parents=True, exist_ok=True)
     write_prior(result, directory / PRIOR_FILE)
@@ -979,6 +1025,7 @@ __all__ = [
     "FitResult",
     "Posterior",
     "Runs",
+    "check_into",
     "check_new_campaign_dir",
     "cross_validate",
     "droplet_stage",

@@ -437,8 +437,8 @@ def suggest_use(column: str, cells: pd.Series) -> str:
     if not numeric:
         return f"--context {quoted}  (a category, {levels} levels)"
     if few:
-        return f"--context {quoted}:category  ({levels} levels), or --context {quoted} as a number"
-    return f"--context {quoted}  (a number), or --map FIELD={quoted} if it holds a field"
+        return f"--context {quoted}:category  ({levels} levels; or --context {quoted} as a number)"
+    return f"--context {quoted}  (a number)"
 
 
 def _read_contexts(

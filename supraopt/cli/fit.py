@@ -83,7 +83,7 @@ def fit_command(
     """
     with user_errors():
         from supraopt import plots
-        from supraopt.fit import check_new_campaign_dir, fit_runs, seed_campaign, write_tables
+        from supraopt.fit import check_into, check_new_campaign_dir, fit_runs, seed_campaign, write_tables
         from supraopt.pastdata import parse_contexts, parse_pairs, read_runs
         from supraopt.physics import Preset
 
@@ -115,7 +115,13 @@ def fit_command(
             unused.add_column("to use it")
             for item in runs.unused:
                 unused.add_row(item.column, item.hint)
+            unused.caption = (
+                "--map FIELD=COLUMN if a column holds one of the fields; a context must be known before the run "
+                "(a condition, not another result)."
+            )
             console.print(unused)
+        if into is not None and target_nm is not None:
+            check_into(runs, model, into, target_nm)  # before the fit: a refusal costs no time, writes nothing
         if train_rows is not None:
             folds = 0
         with console.status("Fitting and cross-validating..."):
