@@ -52,7 +52,7 @@ from torch import Tensor
 
 from supraopt import physics
 from supraopt.campaign import MIN_PDI_PCT, Campaign
-from supraopt.errors import InputError
+from supraopt.errors import InputError, SpecError
 from supraopt.pastdata import CATEGORY, DROPLET_INPUTS, SP_INPUTS, Context, Runs, read_runs
 from supraopt.physics import PhysicsFn, Preset
 from supraopt.space import SearchSpace
@@ -858,10 +858,13 @@ def transfer_problem(runs: Runs, preset: Preset) -> str | None:
 
 def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> None:
     """Everything ``fit --into DIR --target-nm X`` needs, checked before the fit (nothing is written on a refusal)."""
-    check_new_campaign_dir(directory)
     if directory.exists() and not directory.is_dir():
         raise InputError(f"--into {directory} is a file; pick a new folder.")
-    Target(float(target_nm))  # a bad target fails here, not after the fit
+    check_new_campaign_dir(directory)
+    try:
+        Target(float(target_nm))  # a bad target fails here, not after the fit
+    except SpecError as error:
+        raise InputError(f"--target-nm {target_nm:g}: {error}") from None
     problem = transfer_problem(runs, Preset.load(model))
     if problem is not None:
         raise InputError(problem)

@@ -100,6 +100,8 @@ def fit_command(
         preset = Preset.load(model)
         contexts = parse_contexts(context or [])
         runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"), contexts)
+        if into is not None and target_nm is not None:
+            check_into(runs, model, into, target_nm)  # before the fit: a refusal costs no time, writes nothing
         read = Table(title=f"Columns read from {data}", title_justify="left")
         for header in ("field", "column", "unit"):
             read.add_column(header)
@@ -120,8 +122,6 @@ def fit_command(
                 "(a condition, not another result)."
             )
             console.print(unused)
-        if into is not None and target_nm is not None:
-            check_into(runs, model, into, target_nm)  # before the fit: a refusal costs no time, writes nothing
         if train_rows is not None:
             folds = 0
         with console.status("Fitting and cross-validating..."):
