@@ -191,7 +191,12 @@ class LevelOffsetKernel(Kernel):
         super().__init__()
         self.columns = list(offsets.columns)
         self.register_parameter("raw_between_sd", torch.nn.Parameter(torch.tensor(math.log(offsets.prior_sd))))
-        self.register_prior("between_sd_prior", LogNormalPrior(math.log(offsets.prior_sd), 1.0), lambda m: m.between_sd)
+        self.register_prior(
+            "between_sd_prior",
+            LogNormalPrior(math.log(offsets.prior_sd), 1.0),
+            lambda m: m.between_sd,
+            lambda m, v: m.initialize(raw_between_sd=torch.log(torch.as_tensor(v, dtype=torch.double))),
+        )  # the setter lets BoTorch restart a failed fit from a draw of the prior
 
     @property
     def between_sd(self) -> Tensor:
@@ -915,8 +920,9 @@ def fit_runs(
         failed = runs.frame[runs.frame["failed"] != ""]
         x_failed = torch.tensor(failed[list(SP_INPUTS)].to_numpy(float), dtype=torch.double).reshape(-1, 3)
         failures = list(zip(x_failed, failed["failed"], strict=True))
-        assert isinstance(stage.space, SearchSpace)  # sp_stage's space is the campaign kind
-        feasibility = FeasibilityModel(preset, stage.space, stage.x, failures)
+        space = stage.space.head if isinstance(stage.space, JoinedBox) else stage.space
+        assert isinstance(space, SearchSpace)  # sp_stage's space is the campaign kind (then its contexts)
+        feasibility = FeasibilityModel(preset, space, stage.x[:, : space.dim], failures)
     for fitted in (sp, droplet):
         if fitted is not None and fitted.cv is None:
             notes.append(f"{fitted.stage.name} stage: no cross-validation (fewer than 4 runs, or --folds below 2).")

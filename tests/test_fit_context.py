@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from supraopt import physics
 from supraopt.cli import app
 from supraopt.errors import InputError
 from supraopt.fit import fit_runs, holdout, seed_campaign
@@ -110,6 +112,35 @@ def test_category_offsets_and_a_named_numeric_term_are_recovered(tmp_path, prese
     _, crowded_sd = post.combination({"log_droplet_k[chip=A]": 1.0, "log_droplet_k[chip=B]": -1.0})
     assert lonely_sd > 2 * crowded_sd, (lonely_sd, crowded_sd)
     assert any("chip (category, 4 levels)" in line for line in result.context_summary())
+
+
+def test_an_nc_batch_shifts_the_packing_of_sp_sizes(tmp_path, preset):
+    """SP sizes from three NC batches whose packing differs by +-25 %: offsets on log_phi_inorg come back."""
+    rng = np.random.default_rng(5)
+    n = 45
+    batch = np.repeat(["b1", "b2", "b3"], n // 3)
+    shift = {"b1": -0.25, "b2": 0.0, "b3": 0.25}
+    x = np.column_stack(
+        [np.exp(rng.uniform(0, math.log(10), n)), np.exp(rng.uniform(0, math.log(20), n)), rng.uniform(20, 80, n)]
+    )
+    theta = preset.prior(physics.SIZE_PARAMETERS)[0].repeat(n, 1)
+    theta[:, 3] += torch.tensor([shift[b] for b in batch], dtype=torch.double)
+    log_d = torch.stack([physics.log_sp_diameter_nm(torch.tensor(x[i : i + 1]), theta[i], preset)[0] for i in range(n)])
+    frame = pd.DataFrame({"c (mg/mL)": x[:, 0], "Qc/Qd": x[:, 1], "T (C)": x[:, 2], "batch": batch})
+    frame["diameter_nm"] = [f"{v:.2f}" for v in np.exp(log_d.numpy() + rng.normal(0, 0.015, n))]
+    frame["failed"] = ""
+    failed = pd.DataFrame(
+        [{"c (mg/mL)": 3.0, "Qc/Qd": 4.0, "T (C)": 25.0, "batch": "b1", "diameter_nm": "", "failed": "hollow"}]
+    )
+    frame = pd.concat([frame, failed], ignore_index=True)  # a failed run: the feasibility model sees settings only
+    path = write(tmp_path / "sp.csv", frame)
+    result = fit_runs(read_runs(path, preset, contexts=parse_contexts(["batch"])), CSPBBR3, folds=0)
+    assert result.sp is not None and result.feasibility is not None
+    post = result.sp.posteriors["diameter_nm"]
+    fitted, sd = post.combination({"log_phi_inorg[batch=b3]": 1.0, "log_phi_inorg[batch=b1]": -1.0})
+    assert abs(fitted - 0.5) < 3 * sd and sd < 0.1, (fitted, sd)
+    assert "log_phi_inorg" in result.prior_updates()  # the population value transfers, the batches do not
+    assert not any("[batch=" in name for name in result.prior_updates())
 
 
 def test_a_category_context_improves_the_physics_in_cross_validation(tmp_path, preset):
