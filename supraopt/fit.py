@@ -19,6 +19,13 @@ when the rig measures droplets):
   temperature only, the preset's nozzle), its posterior becomes the SP stage's prior for the
   droplet parameters: then SP sizes identify the packing fraction separately.
 
+**Contexts** (``--context``, :class:`supraopt.pastdata.Context`): a category gets per-level offsets on
+the parameter it moves (:data:`OFFSET_TARGETS`), extra linear parameters of the linearised physics
+with a learned between-level sd (:class:`LevelOffsets`, :class:`ContextGP`); a number is a GP input
+and, where the droplet law names it (:data:`DROPLET_CONTEXT_TERMS`), a power-law term. Predictive
+variances are calibrated on leave-one-out residuals (:func:`loo_scale`); :func:`holdout` fits a few
+runs and predicts the rest (``--train-rows``).
+
 The physics parameters of the size laws enter linearly on the log scale, so their Laplace
 posterior from :meth:`~supraopt.surrogate.PhysicsGP.parameter_posterior` is exact (given the GP
 residual's hyperparameters); for the polydispersity law it is a Gauss-Newton approximation.
