@@ -63,7 +63,7 @@ def fit_command(
         ),
     ] = None,
     draws: Annotated[int, typer.Option(help="Repeats of the --train-rows fit, each on other random runs.")] = 10,
-    seed: Annotated[int, typer.Option(help="Seed of the split into folds.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split into folds and of the --train-rows draws.")] = 0,
     draw: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots into --out.")] = True,
     into: Annotated[
         Path | None,
