@@ -19,6 +19,13 @@ when the rig measures droplets):
   temperature only, the preset's nozzle), its posterior becomes the SP stage's prior for the
   droplet parameters: then SP sizes identify the packing fraction separately.
 
+**Contexts** (``--context``, :class:`supraopt.pastdata.Context`): a category gets per-level offsets on
+the parameter it moves (:data:`OFFSET_TARGETS`), extra linear parameters of the linearised physics
+with a learned between-level sd (:class:`LevelOffsets`, :class:`ContextGP`); a number is a GP input
+and, where the droplet law names it (:data:`DROPLET_CONTEXT_TERMS`), a power-law term. Predictive
+variances are calibrated on leave-one-out residuals (:func:`loo_scale`); :func:`holdout` fits a few
+runs and predicts the rest (``--train-rows``).
+
 The physics parameters of the size laws enter linearly on the log scale, so their Laplace
 posterior from :meth:`~supraopt.surrogate.PhysicsGP.parameter_posterior` is exact (given the GP
 residual's hyperparameters); for the polydispersity law it is a Gauss-Newton approximation.
@@ -28,10 +35,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +50,24 @@ import torch
 from botorch.exceptions.warnings import InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import SingleTaskGP
+from gpytorch.kernels import Kernel
+from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.priors import GammaPrior, LogNormalPrior
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from supraopt import physics
 from supraopt.campaign import MIN_PDI_PCT, Campaign
-from supraopt.errors import InputError
-from supraopt.pastdata import DROPLET_INPUTS, SP_INPUTS, Runs, read_runs
+from supraopt.errors import InputError, SpecError
+from supraopt.pastdata import CATEGORY, DROPLET_INPUTS, SP_INPUTS, Context, Runs, read_runs
 from supraopt.physics import PhysicsFn, Preset
 from supraopt.space import SearchSpace
-from supraopt.spec import SPEC_FILE, preset_path, read_toml
+from supraopt.spec import SPEC_FILE, Target, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     DROPLET_NOISE_SD,
+    MAX_CHOLESKY,
     PDI_RESIDUAL,
     SIZE_RESIDUAL,
     FeasibilityModel,
@@ -83,23 +95,46 @@ DROPLET_TERMS = {
 """Droplet-law input -> its parameter (orifice width enters as ``w``, without a parameter)."""
 UNKNOWN_DEVICE_LOG_K_SD = 3.0
 """Prior sd of ln k for droplet-only data without an orifice width: the preset's nozzle says nothing then."""
-DROPLET_PRIORS = {"capillary_exponent_b": (-0.2, 0.1), "aspect_exponent_c": (0.0, 0.3)}
+DROPLET_PRIORS = {
+    "capillary_exponent_b": (-0.2, 0.1),
+    "aspect_exponent_c": (0.0, 0.3),
+    "expansion_exponent_e": (0.0, 0.3),
+}
 """Priors of the droplet-law terms the presets do not carry (SCIENCE.md section 3)."""
+DROPLET_CONTEXT_TERMS = {"expansionratio": "expansion_exponent_e", "expansion": "expansion_exponent_e"}
+"""Numeric context columns (name key: lower case, letters and digits) the droplet law names: a power-law term
+``(value)^e``. Orifice width and aspect ratio are fields already (``--map``)."""
+OFFSET_TARGETS = {"droplet_um": ("log_droplet_k", 1.0), "diameter_nm": ("log_phi_inorg", -1.0 / 3.0)}
+"""Outcome -> the physics parameter a categorical context shifts per level, and d(log outcome)/d(parameter):
+a chip or regime moves the droplet prefactor, an NC batch the packing (the size scale of the SPs)."""
+BETWEEN_LEVEL_SD = 0.15
+"""Prior median of the between-level sd of a category's offsets, as the log-size change it causes: another
+chip moves droplets by 10-20 % (a chip swap; SCIENCE.md section 3); log-normal prior with a log-sd of 1, so 0.05-0.4 are all plausible."""
 
 
 # --- stages: inputs, outcomes, physics ------------------------------------------------------------
 
 
 class InputBox:
-    """Unit-cube map of a stage's inputs over the data's range: log axes, temperature linear."""
+    """Unit-cube map of a stage's inputs over the data's range: log axes, temperature linear.
 
-    def __init__(self, names: Sequence[str], x: Tensor) -> None:
+    ``linear`` names further inputs on a linear axis (a numeric context with values <= 0), ``indicator``
+    the 0/1 columns of a category's levels, passed through unchanged.
+    """
+
+    def __init__(
+        self, names: Sequence[str], x: Tensor, linear: Sequence[str] = (), indicator: Sequence[str] = ()
+    ) -> None:
         self.names = tuple(names)
-        self._log = torch.tensor([n != "temperature_c" for n in self.names])
+        flat = {"temperature_c", *linear, *indicator}
+        self._log = torch.tensor([n not in flat for n in self.names])
         warped = torch.where(self._log, torch.log(x), x)
         self._low = warped.min(0).values
         width = warped.max(0).values - self._low
         self._width = torch.where(width > 0, width, torch.ones_like(width))
+        fixed = torch.tensor([n in indicator for n in self.names])
+        self._low = torch.where(fixed, torch.zeros_like(self._low), self._low)
+        self._width = torch.where(fixed, torch.ones_like(self._width), self._width)
 
     @property
     def dim(self) -> int:
@@ -111,6 +146,155 @@ class InputBox:
     def from_unit(self, z: Tensor) -> Tensor:
         warped = self._low + z * self._width
         return torch.where(self._log, torch.exp(warped), warped)
+
+
+class JoinedBox:
+    """The campaign's search space for the first three inputs, an :class:`InputBox` for the context columns."""
+
+    def __init__(self, head: SearchSpace, tail: InputBox) -> None:
+        self.head, self.tail = head, tail
+
+    @property
+    def dim(self) -> int:
+        return self.head.dim + self.tail.dim
+
+    def to_unit(self, x: Tensor) -> Tensor:
+        k = self.head.dim
+        return torch.cat([self.head.to_unit(x[..., :k]), self.tail.to_unit(x[..., k:])], -1)
+
+    def from_unit(self, z: Tensor) -> Tensor:
+        k = self.head.dim
+        return torch.cat([self.head.from_unit(z[..., :k]), self.tail.from_unit(z[..., k:])], -1)
+
+
+@dataclass(frozen=True)
+class LevelOffsets:
+    """A category's per-level offsets on one physics parameter, with a learned between-level sd.
+
+    The offsets are extra linear parameters of the linearised physics: level ``l``'s Jacobian column is
+    its 0/1 indicator times ``gain`` (the shifted parameter's column, constant for the log-linear size
+    laws). Their prior is ``N(0, (sd / gain)^2)`` with ``sd`` (on the log-outcome scale) a hyperparameter
+    fitted with the GP's, under a log-normal prior: hierarchical shrinkage, a level with few runs stays
+    near the population.
+    """
+
+    context: str
+    parameter: str
+    gain: float
+    levels: tuple[str, ...]
+    columns: tuple[int, ...]
+    """Indices of the levels' indicator columns among the stage's inputs."""
+    prior_sd: float = BETWEEN_LEVEL_SD
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"{self.parameter}[{self.context}={level}]" for level in self.levels)
+
+
+class LevelOffsetKernel(Kernel):
+    """``sd^2 * [same level]``: the covariance per-level offsets of a category induce on a log outcome."""
+
+    def __init__(self, offsets: LevelOffsets) -> None:
+        super().__init__()
+        self.columns = list(offsets.columns)
+        self.register_parameter("raw_between_sd", torch.nn.Parameter(torch.tensor(math.log(offsets.prior_sd))))
+        self.register_prior(
+            "between_sd_prior",
+            LogNormalPrior(math.log(offsets.prior_sd), 1.0),
+            lambda m: m.between_sd,
+            lambda m, v: m.initialize(raw_between_sd=torch.log(torch.as_tensor(v, dtype=torch.double))),
+        )  # the setter lets BoTorch restart a failed fit from a draw of the prior
+
+    @property
+    def between_sd(self) -> Tensor:
+        return torch.exp(self.raw_between_sd)
+
+    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params: object) -> Tensor:
+        a, b = x1[..., self.columns], x2[..., self.columns]
+        scale = self.between_sd**2
+        if diag:
+            return scale * (a * b).sum(-1)
+        return scale * (a @ b.transpose(-1, -2))
+
+
+HYPER_SUBSET = 1000
+"""Residual hyperparameters of a fit are set on at most this many runs (the campaign's GPs use 300)."""
+
+
+class ContextGP(PhysicsGP):
+    """:class:`~supraopt.surrogate.PhysicsGP` with per-level offsets of categorical contexts (fit layer only).
+
+    The physics parameters and the offsets are integrated out together; :meth:`parameter_posterior`
+    returns both (offsets last, in parameter units).
+    """
+
+    def __init__(self, *args: Any, offsets: Sequence[LevelOffsets] = (), **kwargs: Any) -> None:
+        self.offsets = tuple(offsets)
+        super().__init__(*args, **kwargs)
+
+    def _modules(self) -> tuple[Any, Kernel]:
+        mean, kernel = super()._modules()
+        for offsets in self.offsets:
+            kernel = kernel + LevelOffsetKernel(offsets)
+        return mean, kernel.to(torch.double)
+
+    def _fit_hypers(self, z: Tensor, y: Tensor, yvar: Tensor, mean: Any, kernel: Kernel) -> dict[str, Tensor]:
+        """MAP hyperparameters as :class:`~supraopt.surrogate.PhysicsGP` does, but on up to :data:`HYPER_SUBSET` runs.
+
+        Past-data fits are one-off and pool devices: a residual with that much structure needs more than
+        a 300-run subset to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %).
+        """
+        if z.shape[0] > HYPER_SUBSET:
+            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:HYPER_SUBSET]
+            z, y, yvar = z[keep], y[keep], yvar[keep]
+        likelihood = FixedNoiseGaussianLikelihood(
+            noise=yvar.clamp_min(1e-8),
+            learn_additional_noise=True,
+            noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
+        )
+        likelihood.second_noise_covar.noise = self.residual.noise_sd**2
+        model = SingleTaskGP(
+            z, y.unsqueeze(-1), likelihood=likelihood, mean_module=mean, covar_module=kernel, outcome_transform=None
+        ).to(torch.double)
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+            mll = ExactMarginalLogLikelihood(likelihood, model)
+            fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 60}})
+        return {k: v for k, v in model.state_dict().items() if "raw_" in k}
+
+    def between_sds(self) -> list[float]:
+        """The fitted between-level sd of each category (log-outcome scale)."""
+        if self.model is None:
+            return [o.prior_sd for o in self.offsets]
+        kernels = [k for k in self.model.covar_module.kernels if isinstance(k, LevelOffsetKernel)]
+        return [float(k.between_sd.detach()) for k in kernels]
+
+    def parameter_posterior(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Posterior mean and covariance of the physics parameters, then every level's offset."""
+        if not self.offsets:
+            return super().parameter_posterior(z, y)
+        sds = self.between_sds()
+        var = torch.cat(
+            [self.prior_sd**2]
+            + [
+                torch.full((len(o.levels),), (sd / abs(o.gain)) ** 2, dtype=torch.double)
+                for o, sd in zip(self.offsets, sds, strict=True)
+            ]
+        )
+        prior_mean = torch.cat([self.prior_mean, torch.zeros(len(var) - len(self.prior_mean), dtype=torch.double)])
+        if self.model is None or z.shape[0] == 0:
+            return prior_mean, torch.diag(var)
+        with torch.no_grad():
+            model = self.model
+            j = physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
+            j = torch.cat([j] + [o.gain * z[:, list(o.columns)] for o in self.offsets], -1)
+            k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
+            chol = torch.linalg.cholesky(k + 1e-9 * torch.eye(len(k), dtype=k.dtype))
+            resid = (y - model.mean_module(z)).unsqueeze(-1)
+            sj = j * var
+            a = torch.cholesky_solve(sj, chol)
+            mean = prior_mean + (a.transpose(0, 1) @ resid).squeeze(-1)
+            cov = torch.diag(var) - sj.transpose(0, 1) @ a
+        return mean, 0.5 * (cov + cov.T)
 
 
 @dataclass(frozen=True)
@@ -129,11 +313,21 @@ class Outcome:
     prior: tuple[Tensor, Tensor]
     residual: ResidualPrior
     relinearise: int = 0
+    offsets: tuple[LevelOffsets, ...] = ()
+    """Categorical contexts' per-level offsets on this outcome's physics."""
 
-    def gp(self, space: InputBox | SearchSpace, physics_only: bool = False) -> PhysicsGP:
+    def gp(self, space: InputBox | SearchSpace | JoinedBox, physics_only: bool = False) -> ContextGP:
         """The physics + GP model, or with the residual switched off (its misfit then counts as noise)."""
         residual = ResidualPrior(sd=1e-4, noise_sd=self.residual.sd) if physics_only else self.residual
-        return PhysicsGP(self.fn, self.prior, self.names, space, residual)
+        if space.dim > 3:
+            # typical distances in a d-dimensional unit cube grow like sqrt(d): so does the prior lengthscale
+            # (Hvarfner et al. 2024; BoTorch's default since 0.12), else extra inputs make small fits wiggly
+            residual = replace(residual, lengthscale_mean=residual.lengthscale_mean * math.sqrt(space.dim / 3))
+        return ContextGP(self.fn, self.prior, self.names, space, residual, offsets=self.offsets)
+
+    @property
+    def all_names(self) -> tuple[str, ...]:
+        return self.names + tuple(n for o in self.offsets for n in o.names)
 
 
 @dataclass(frozen=True)
@@ -143,23 +337,68 @@ class Stage:
     name: str
     inputs: tuple[str, ...]
     x: Tensor
-    space: InputBox | SearchSpace
+    space: InputBox | SearchSpace | JoinedBox
     rows: tuple[int, ...]
     outcomes: tuple[Outcome, ...]
     own_law: bool = False
     """A droplet stage whose law is the preset's own (flow ratio and temperature, the preset's nozzle)."""
+    contexts: tuple[Context, ...] = ()
+    """Context columns the stage uses (numbers as inputs after the settings, categories as 0/1 columns)."""
 
     @property
     def z(self) -> Tensor:
         return self.space.to_unit(self.x)
 
 
+def context_columns(runs: Runs, ok: pd.DataFrame) -> tuple[list[str], Tensor, list[str], list[str]]:
+    """The contexts as input columns: names, `n x m` values, names on a linear axis, indicator names.
+
+    A number is one column (log axis when all values are positive); a category one 0/1 column per level.
+    """
+    names: list[str] = []
+    columns: list[np.ndarray] = []
+    linear: list[str] = []
+    indicator: list[str] = []
+    for context in runs.contexts:
+        values = ok[context.key]
+        if context.kind == CATEGORY:
+            for level in context.levels:
+                names.append(f"{context.column}={level}")
+                indicator.append(names[-1])
+                columns.append((values == level).to_numpy(float))
+        else:
+            names.append(context.key)
+            columns.append(values.to_numpy(float))
+            if (values <= 0).any():
+                linear.append(context.key)
+    x = torch.tensor(np.stack(columns, 1) if columns else np.zeros((len(ok), 0)), dtype=torch.double)
+    return names, x, linear, indicator
+
+
+def _offsets(runs: Runs, names: Sequence[str], outcome: str) -> tuple[LevelOffsets, ...]:
+    """Per-level offsets of every category on the parameter it shifts for ``outcome``."""
+    parameter, gain = OFFSET_TARGETS[outcome]
+    found = []
+    for context in runs.contexts:
+        if context.kind == CATEGORY:
+            columns = tuple(names.index(f"{context.column}={level}") for level in context.levels)
+            found.append(LevelOffsets(context.column, parameter, gain, context.levels, columns))
+    return tuple(found)
+
+
 def sp_stage(runs: Runs, preset: Preset) -> Stage:
-    """Concentration, flow ratio, temperature -> SP diameter (and PDI when measured)."""
+    """Concentration, flow ratio, temperature (and contexts) -> SP diameter (and PDI when measured)."""
     ok = runs.ok()
     everything = runs.frame  # failed runs widen the box: the feasibility map needs them inside it
     space = SearchSpace({p: (float(everything[p].min()), float(everything[p].max())) for p in SP_INPUTS})
     x = torch.tensor(ok[list(SP_INPUTS)].to_numpy(float), dtype=torch.double)
+    extra, x_extra, linear, indicator = context_columns(runs, ok)
+    inputs: tuple[str, ...] = SP_INPUTS
+    box: SearchSpace | JoinedBox = space
+    if extra:
+        inputs = (*SP_INPUTS, *extra)
+        box = JoinedBox(space, InputBox(extra, x_extra, linear, indicator))
+        x = torch.cat([x, x_extra], -1)
     n = _column(ok, "n_particles", float(DEFAULT_N_PARTICLES))
     pdi = _column(ok, "pdi_pct", 5.0).clamp_min(MIN_PDI_PCT)
 
@@ -174,6 +413,7 @@ def sp_stage(runs: Runs, preset: Preset) -> Stage:
         Outcome(
             "diameter_nm", "SP diameter", "nm", torch.log(diameter), size_noise_var(pdi, n), size_fn,
             physics.SIZE_PARAMETERS, preset.prior(physics.SIZE_PARAMETERS), SIZE_RESIDUAL,
+            offsets=_offsets(runs, inputs, "diameter_nm"),
         )
     ]  # fmt: skip
     if "pdi_pct" in ok:
@@ -183,7 +423,7 @@ def sp_stage(runs: Runs, preset: Preset) -> Stage:
                 physics.PDI_PARAMETERS, preset.prior(physics.PDI_PARAMETERS), PDI_RESIDUAL, relinearise=1,
             )
         )  # fmt: skip
-    return Stage("supraparticle", SP_INPUTS, x, space, tuple(ok["row"]), tuple(outcomes))
+    return Stage("supraparticle", inputs, x, box, tuple(ok["row"]), tuple(outcomes), contexts=runs.contexts)
 
 
 def _column(frame: pd.DataFrame, name: str, default: float) -> Tensor:
@@ -191,13 +431,21 @@ def _column(frame: pd.DataFrame, name: str, default: float) -> Tensor:
     return torch.tensor(values, dtype=torch.double)
 
 
-def droplet_law(inputs: Sequence[str], width_um: float | None, reference_temperature_c: float) -> PhysicsFn:
+def droplet_law(
+    inputs: Sequence[str],
+    width_um: float | None,
+    reference_temperature_c: float,
+    extra_terms: Sequence[str] = (),
+) -> PhysicsFn:
     """``ln d_drop = ln k + ln w - a ln r + b ln Ca + c ln(h/w) + b_T (T - T_ref)/10`` over the given inputs.
 
-    ``theta`` holds ``ln k`` then one parameter per input in :data:`DROPLET_TERMS` order; the orifice
-    width comes from the inputs when it varies, else it is the constant ``width_um``.
+    ``theta`` holds ``ln k`` then one parameter per input in :data:`DROPLET_TERMS` order, then one
+    power-law exponent per input named in ``extra_terms`` (numeric contexts the law names, e.g. the
+    expansion ratio); the orifice width comes from the inputs when it varies, else it is the constant
+    ``width_um``.
     """
     terms = [(inputs.index(name), name) for name in DROPLET_TERMS if name in inputs]
+    terms += [(inputs.index(name), name) for name in extra_terms]
     width_index = inputs.index("orifice_width_um") if "orifice_width_um" in inputs else None
 
     def fn(x: Tensor, theta: Tensor) -> Tensor:
@@ -217,31 +465,48 @@ def droplet_law(inputs: Sequence[str], width_um: float | None, reference_tempera
     return fn
 
 
+def droplet_context_term(context: Context) -> str | None:
+    """The droplet-law parameter a numeric context names (expansion ratio), else None."""
+    key = re.sub(r"[^a-z0-9]", "", context.column.lower())
+    return DROPLET_CONTEXT_TERMS.get(key) if context.kind != CATEGORY else None
+
+
 def droplet_stage(runs: Runs, preset: Preset) -> Stage | None:
     """Flow ratio and whatever else varies (Ca, orifice width, aspect ratio, temperature) -> droplet diameter.
 
-    None when no input varies (nothing to learn a law from).
+    Contexts follow: numbers the law names get a power-law term, every number is a GP input, every
+    category per-level offsets on ``log_droplet_k`` (and 0/1 GP inputs). None when no input varies.
     """
     ok = runs.ok()
-    inputs = tuple(c for c in DROPLET_INPUTS if c in ok and ok[c].nunique() > 1)
-    if not inputs:
+    settings = tuple(c for c in DROPLET_INPUTS if c in ok and ok[c].nunique() > 1)
+    if not settings:
         return None
     width = None
-    if "orifice_width_um" not in inputs:
+    if "orifice_width_um" not in settings:
         width = float(ok["orifice_width_um"].iloc[0]) if "orifice_width_um" in ok else preset.nozzle_um
-    names = ("log_droplet_k", *(DROPLET_TERMS[c] for c in DROPLET_TERMS if c in inputs))
+    extra, x_extra, linear, indicator = context_columns(runs, ok)
+    inputs = (*settings, *extra)
+    named = [(c.key, term) for c in runs.contexts if (term := droplet_context_term(c)) and c.key in inputs]
+    names = (
+        "log_droplet_k",
+        *(DROPLET_TERMS[c] for c in DROPLET_TERMS if c in inputs),
+        *(term for _, term in named),
+    )
     pairs = [preset.priors.get(n) or DROPLET_PRIORS[n] for n in names]
     if not runs.has_sp and "orifice_width_um" not in ok:  # someone else's device, width unknown: k * w is too
         pairs[0] = (pairs[0][0], UNKNOWN_DEVICE_LOG_K_SD)
     prior = tuple(torch.tensor(column, dtype=torch.double) for column in zip(*pairs, strict=True))
-    x = torch.tensor(ok[list(inputs)].to_numpy(float), dtype=torch.double)
+    x = torch.tensor(ok[list(settings)].to_numpy(float), dtype=torch.double)
+    x = torch.cat([x, x_extra], -1)
     y = torch.log(torch.tensor(ok["droplet_um"].to_numpy(float), dtype=torch.double))
+    law = droplet_law(inputs, width, preset.reference_temperature_c, [key for key, _ in named])
     outcome = Outcome(
         "droplet_um", "droplet diameter", "µm", y, torch.full_like(y, DROPLET_NOISE_SD**2),
-        droplet_law(inputs, width, preset.reference_temperature_c), names, (prior[0], prior[1]), DROPLET_RESIDUAL,
+        law, names, (prior[0], prior[1]), DROPLET_RESIDUAL, offsets=_offsets(runs, inputs, "droplet_um"),
     )  # fmt: skip
     own = set(names) <= set(physics.DROPLET_PARAMETERS) and width == preset.nozzle_um
-    return Stage("droplet", inputs, x, InputBox(inputs, x), tuple(ok["row"]), (outcome,), own)
+    box = InputBox(inputs, x, linear, indicator)
+    return Stage("droplet", inputs, x, box, tuple(ok["row"]), (outcome,), own, runs.contexts)
 
 
 # --- fitting and cross-validation ---------------------------------------------------------------
@@ -303,10 +568,12 @@ class StageFit:
     """One stage fitted to all its runs, with its cross-validation (None when skipped)."""
 
     stage: Stage
-    gps: dict[str, PhysicsGP]
+    gps: dict[str, ContextGP]
     """Outcome column -> the physics + GP model fitted to all runs."""
     posteriors: dict[str, Posterior]
     cv: CVResult | None
+    interval_scales: dict[str, float] | None = None
+    """Outcome column -> the leave-one-out variance factor of the fit to all runs (see :func:`loo_scale`)."""
 
 
 @contextmanager
@@ -328,12 +595,35 @@ def quiet_fitting() -> Iterator[None]:
             torch.set_num_threads(threads)
 
 
-def _predict(gp: PhysicsGP, z: Tensor, yvar: Tensor) -> tuple[Tensor, Tensor]:
+def loo_scale(gp: PhysicsGP, z: Tensor, y: Tensor) -> float:
+    """Variance factor that makes the fitted model's 90 % intervals cover 90 % of its leave-one-out residuals.
+
+    The exact leave-one-out residuals of a GP at fixed hyperparameters, ``[K^-1 r]_i / [K^-1]_ii`` with
+    variance ``1 / [K^-1]_ii``, say how well the model's own intervals fit runs it has not seen. On few
+    runs the MAP hyperparameters fit the noise they were fitted on, and the intervals come out too
+    narrow; this factor (a split-conformal quantile, with its finite-sample correction, so it widens
+    more on fewer runs) puts them right. Clamped to [0.5, 25]: it corrects the scale, not the model.
+    """
+    n = z.shape[0]
+    if gp.model is None or n < 4:
+        return 1.0
+    with torch.no_grad(), gpytorch.settings.max_cholesky_size(20_000):
+        model = gp.model
+        k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
+        chol = torch.linalg.cholesky(k + 1e-9 * torch.eye(n, dtype=k.dtype))
+        inverse = torch.cholesky_inverse(chol)
+        alpha = inverse @ (y - model.mean_module(z))
+        score = (alpha / inverse.diagonal().sqrt()).abs()
+    level = min(1.0, math.ceil((n + 1) * 0.9) / n)
+    return float(min(max((float(torch.quantile(score, level)) / Z90) ** 2, 0.5), 25.0))
+
+
+def _predict(gp: PhysicsGP, z: Tensor, yvar: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """Predictive mean and variance of a new measurement (latent + data noise + learned extra noise)."""
     with torch.no_grad():
         mean, var = gp.moments(z)
         extra = gp.model.likelihood.second_noise_covar.noise.reshape(()) if gp.model is not None else 0.0
-    return mean, var + yvar + extra
+    return mean, scale * (var + yvar + extra)
 
 
 def _gp_only(z: Tensor, y: Tensor, z_test: Tensor) -> tuple[Tensor, Tensor]:
@@ -349,15 +639,53 @@ def _gp_only(z: Tensor, y: Tensor, z_test: Tensor) -> tuple[Tensor, Tensor]:
 def fit_stage(stage: Stage, folds: int = 5, seed: int = 0) -> StageFit:
     """Fit each outcome's physics + GP to all runs, read off the parameter posterior, cross-validate."""
     z = stage.z
-    gps, posteriors = {}, {}
+    gps, posteriors, scales = {}, {}, {}
     with quiet_fitting():
         for o in stage.outcomes:
-            gp = o.gp(stage.space).fit(z, o.y, o.yvar, relinearise=o.relinearise)
+            gp = o.gp(stage.space)
+            gp.fit(z, o.y, o.yvar, relinearise=o.relinearise)
             mean, cov = gp.parameter_posterior(z, o.y)
+            sds = [
+                torch.full((len(off.levels),), sd / abs(off.gain))
+                for off, sd in zip(o.offsets, gp.between_sds(), strict=True)
+            ]
+            prior_mean = torch.cat([o.prior[0], torch.zeros(len(mean) - len(o.prior[0]), dtype=torch.double)])
+            prior_sd = torch.cat([o.prior[1], *sds]).to(torch.double)
             gps[o.column] = gp
-            posteriors[o.column] = Posterior(o.names, o.prior[0], o.prior[1], mean, cov)
+            posteriors[o.column] = Posterior(o.all_names, prior_mean, prior_sd, mean, cov)
+            scales[o.column] = loo_scale(gp, z, o.y)
     cv = cross_validate(stage, folds, seed) if folds >= 2 and len(stage.rows) >= 4 else None
-    return StageFit(stage, gps, posteriors, cv)
+    return StageFit(stage, gps, posteriors, cv, scales)
+
+
+def _split_predictions(stage: Stage, train: np.ndarray, test: np.ndarray) -> list[pd.DataFrame]:
+    """Fit the three models on ``train`` rows (indices into the stage), predict ``test``: long-format rows."""
+    z = stage.z
+    parts = []
+    for o in stage.outcomes:
+        for model in MODELS:
+            if model == "GP only":
+                mean, var = _gp_only(z[train], o.y[train], z[test])
+            else:
+                gp = o.gp(stage.space, physics_only=model == "physics only")
+                gp.fit(z[train], o.y[train], o.yvar[train], relinearise=o.relinearise)
+                mean, var = _predict(gp, z[test], o.yvar[test], loo_scale(gp, z[train], o.y[train]))
+            mean, sd = mean.detach(), var.detach().clamp_min(1e-12).sqrt()
+            part = pd.DataFrame(
+                {
+                    "row": np.asarray(stage.rows)[test],
+                    "outcome": o.column,
+                    "model": model,
+                    "measured": torch.exp(o.y[test]).numpy(),
+                    "predicted": torch.exp(mean).numpy(),
+                    "lower90": torch.exp(mean - Z90 * sd).numpy(),
+                    "upper90": torch.exp(mean + Z90 * sd).numpy(),
+                }
+            )
+            for j, name in enumerate(stage.inputs):
+                part[name] = stage.x[test, j].numpy()
+            parts.append(part)
+    return parts
 
 
 def cross_validate(stage: Stage, folds: int = 5, seed: int = 0) -> CVResult:
@@ -365,36 +693,48 @@ def cross_validate(stage: Stage, folds: int = 5, seed: int = 0) -> CVResult:
     n = len(stage.rows)
     k = min(folds, n)
     order = np.random.default_rng(seed).permutation(n)
-    z = stage.z
     parts = []
     with quiet_fitting():
         for test in np.array_split(order, k):
-            train = np.setdiff1d(order, test)
-            for o in stage.outcomes:
-                for model in MODELS:
-                    if model == "GP only":
-                        mean, var = _gp_only(z[train], o.y[train], z[test])
-                    else:
-                        gp = o.gp(stage.space, physics_only=model == "physics only")
-                        gp.fit(z[train], o.y[train], o.yvar[train], relinearise=o.relinearise)
-                        mean, var = _predict(gp, z[test], o.yvar[test])
-                    mean, sd = mean.detach(), var.detach().clamp_min(1e-12).sqrt()
-                    part = pd.DataFrame(
-                        {
-                            "row": np.asarray(stage.rows)[test],
-                            "outcome": o.column,
-                            "model": model,
-                            "measured": torch.exp(o.y[test]).numpy(),
-                            "predicted": torch.exp(mean).numpy(),
-                            "lower90": torch.exp(mean - Z90 * sd).numpy(),
-                            "upper90": torch.exp(mean + Z90 * sd).numpy(),
-                        }
-                    )
-                    for j, name in enumerate(stage.inputs):
-                        part[name] = stage.x[test, j].numpy()
-                    parts.append(part)
+            parts += _split_predictions(stage, np.setdiff1d(order, test), test)
     predictions = pd.concat(parts, ignore_index=True).sort_values(["outcome", "model", "row"], kind="stable")
     return CVResult(stage.name, k, _metrics(predictions, stage.outcomes), predictions.reset_index(drop=True))
+
+
+@dataclass(frozen=True)
+class HoldoutResult:
+    """Fits on a few random runs predicting all the others, repeated: how a small data set really does."""
+
+    stage: str
+    train_rows: int
+    draws: int
+    table: pd.DataFrame
+    """One row per model: the median over draws of each metric (MAPE, RMSE, 90 % coverage)."""
+    per_draw: pd.DataFrame
+    """The metrics of every draw (column 'draw')."""
+
+
+def holdout(stage: Stage, train_rows: int, draws: int = 10, seed: int = 0) -> HoldoutResult:
+    """Fit the three models on ``train_rows`` random runs, predict the rest; ``draws`` seeded repeats.
+
+    Unlike k-fold CV on a small table, the held-out runs here are many (all the others), so the
+    MAPE and the coverage of the 90 % intervals are measured, not guessed from a handful of folds.
+    """
+    n = len(stage.rows)
+    if not 4 <= train_rows < n:
+        raise InputError(
+            f"--train-rows {train_rows} must be at least 4 and below the {n} runs of the {stage.name} stage."
+        )
+    tables = []
+    with quiet_fitting():
+        for draw in range(draws):
+            order = np.random.default_rng([seed, draw]).permutation(n)
+            parts = _split_predictions(stage, order[:train_rows], order[train_rows:])
+            table = _metrics(pd.concat(parts, ignore_index=True), stage.outcomes)
+            tables.append(table.reset_index().assign(draw=draw))
+    per_draw = pd.concat(tables, ignore_index=True)
+    summary = per_draw.drop(columns="draw").groupby("model", sort=False).median()
+    return HoldoutResult(stage.name, train_rows, draws, summary.reindex(list(MODELS)), per_draw)
 
 
 def _metrics(predictions: pd.DataFrame, outcomes: Sequence[Outcome]) -> pd.DataFrame:
@@ -422,6 +762,8 @@ class FitResult:
     droplet: StageFit | None
     feasibility: FeasibilityModel | None
     notes: tuple[str, ...]
+    holdouts: tuple[HoldoutResult, ...] = ()
+    """Fits on a few runs predicting the rest (``train_rows`` of :func:`fit_runs`), one per stage."""
 
     def stages(self) -> list[StageFit]:
         return [s for s in (self.sp, self.droplet) if s is not None]
@@ -436,39 +778,128 @@ class FitResult:
             [p.table(s.stage.name) for s in self.stages() for p in s.posteriors.values()], ignore_index=True
         )
         priors = {**DROPLET_PRIORS, **Preset.load(self.model).priors}
-        table["prior_mean"] = [priors[n][0] for n in table["parameter"]]
-        table["prior_sd"] = [priors[n][1] for n in table["parameter"]]
+        table["prior_mean"] = [
+            priors[n][0] if n in priors else m for n, m in zip(table["parameter"], table["prior_mean"], strict=True)
+        ]
+        table["prior_sd"] = [
+            priors[n][1] if n in priors else sd for n, sd in zip(table["parameter"], table["prior_sd"], strict=True)
+        ]
         table["sd_ratio"] = table["posterior_sd"] / table["prior_sd"]
         return table
+
+    def context_summary(self) -> list[str]:
+        """One line per context: how each stage used it (for the CV table's caption and fit.json)."""
+        lines = []
+        for stage in self.stages():
+            for context in stage.stage.contexts:
+                if context.kind == CATEGORY:
+                    used = []
+                    for column, gp in stage.gps.items():
+                        offsets = next((o for o in gp.offsets if o.context == context.column), None)
+                        if offsets is not None:
+                            sd = gp.between_sds()[gp.offsets.index(offsets)]
+                            used.append(
+                                f"offsets on {offsets.parameter} (between-level sd of {column} {sd:.3g} on the log scale)"
+                            )
+                    how = "; ".join(used) or "GP input"
+                    lines.append(
+                        f"{stage.stage.name} stage: {context.column} (category, {len(context.levels)} levels): {how} and GP input"
+                    )
+                else:
+                    term = droplet_context_term(context) if stage.stage.name == "droplet" else None
+                    how = f"GP input and power-law term {term}" if term else "GP input"
+                    lines.append(f"{stage.stage.name} stage: {context.column} (number): {how}")
+        return lines
 
     def prior_updates(self, floor: float = TRANSFER_FLOOR) -> dict[str, tuple[float, float]]:
         """Preset parameter -> (posterior mean, max(posterior sd, floor x preset sd)) for a new campaign."""
         base = Preset.load(self.model)
+        problem = transfer_problem(self.runs, base)
+        if problem is not None:
+            raise InputError(problem)
         if self.sp is not None:
             posteriors = list(self.sp.posteriors.values())
-        elif self.droplet is not None and self.droplet.stage.own_law:
-            posteriors = list(self.droplet.posteriors.values())
         else:
-            raise InputError(
-                "the droplet data use inputs the preset's droplet law lacks (capillary number, orifice width, "
-                "aspect ratio), so there is no preset prior to update; --into needs SP diameters."
-            )
+            assert self.droplet is not None  # transfer_problem says no when neither stage was fitted
+            posteriors = list(self.droplet.posteriors.values())
         updates = {}
         for p in posteriors:
             for i, name in enumerate(p.names):
+                if name not in base.priors:  # a context's level offsets: the campaign has no such level (yet)
+                    continue
                 sd = max(float(p.sd[i]), floor * base.priors[name][1])
                 updates[name] = (float(p.mean[i]), sd)
         return updates
 
 
-def fit_runs(runs: Runs, model: str = "cspbbr3-flow-focusing", folds: int = 5, seed: int = 0) -> FitResult:
+def transfer_problem(runs: Runs, preset: Preset) -> str | None:
+    """Why a fit of these runs cannot seed a campaign on ``preset`` (``fit --into``), None when it can.
+
+    Known before any fitting, so ``fit --into`` refuses at once. SP diameters always transfer. Droplet
+    sizes alone transfer only the preset's own droplet law (flow ratio and temperature), and only when
+    the data state the orifice width and it is the preset's nozzle: without a width, a fitted ``k``
+    is ``k * w`` of some other device (a 150 µm chip read as the 5 µm nozzle puts ``log_droplet_k``
+    many prior sds away and the first suggestion in a corner), so the preset's droplet law is kept
+    and ``--into`` refuses rather than carry the other device's law in.
+    """
+    if runs.has_sp:
+        return None
+    stage = droplet_stage(runs, preset) if runs.has_droplets else None
+    if stage is None:
+        return "the droplet sizes have no varying flow condition, so there is nothing to transfer; --into needs SP diameters."
+    same_law = set(stage.outcomes[0].all_names) <= set(physics.DROPLET_PARAMETERS)
+    if same_law and not stage.own_law:
+        width = float(runs.frame["orifice_width_um"].iloc[0])
+        return (
+            f"the droplets come from a {width:g} µm orifice, not the preset's {preset.nozzle_um:g} µm nozzle; --into "
+            "keeps the preset's droplet law and refuses (--into needs SP diameters, or droplets from that nozzle)."
+        )
+    if not stage.own_law:
+        return (
+            "the droplet data use inputs the preset's droplet law lacks (capillary number, orifice width, aspect "
+            "ratio, contexts), so there is no preset prior to update; --into needs SP diameters."
+        )
+    if "orifice_width_um" not in runs.frame:
+        return (
+            f"the droplet data give no orifice width, so their droplet law may be another device's; --into keeps "
+            f"the preset's droplet law (nozzle {preset.nozzle_um:g} µm) and refuses: add a column with the orifice "
+            "width (--map orifice_width=COLUMN) if they come from that nozzle, else --into needs SP diameters."
+        )
+    return None
+
+
+def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> None:
+    """Everything ``fit --into DIR --target-nm X`` needs, checked before the fit (nothing is written on a refusal)."""
+    if directory.exists() and not directory.is_dir():
+        raise InputError(f"--into {directory} is a file; pick a new folder.")
+    check_new_campaign_dir(directory)
+    try:
+        Target(float(target_nm))  # a bad target fails here, not after the fit
+    except SpecError as error:
+        raise InputError(f"--target-nm {target_nm:g}: {error}") from None
+    problem = transfer_problem(runs, Preset.load(model))
+    if problem is not None:
+        raise InputError(problem)
+
+
+def fit_runs(
+    runs: Runs,
+    model: str = "cspbbr3-flow-focusing",
+    folds: int = 5,
+    seed: int = 0,
+    train_rows: int | None = None,
+    draws: int = 10,
+) -> FitResult:
     """Fit every stage the runs hold, droplet first (its posterior can inform the SP stage), with CV.
 
     Args:
         runs: from :func:`read_runs`.
         model: physics preset (name in ``models/`` or path) whose constants and priors to start from.
         folds: k of the k-fold cross-validation; below 2 skips it.
-        seed: seeds the split into folds.
+        seed: seeds the split into folds (and the draws of ``train_rows``).
+        train_rows: when given, also fit on this many random runs and predict all the others,
+            ``draws`` times (see :func:`holdout`): the small-data benchmark.
+        draws: repeats of the ``train_rows`` fit.
     """
     preset = Preset.load(model)
     notes = list(runs.notes)
@@ -496,12 +927,15 @@ def fit_runs(runs: Runs, model: str = "cspbbr3-flow-focusing", folds: int = 5, s
         failed = runs.frame[runs.frame["failed"] != ""]
         x_failed = torch.tensor(failed[list(SP_INPUTS)].to_numpy(float), dtype=torch.double).reshape(-1, 3)
         failures = list(zip(x_failed, failed["failed"], strict=True))
-        assert isinstance(stage.space, SearchSpace)  # sp_stage's space is the campaign kind
-        feasibility = FeasibilityModel(preset, stage.space, stage.x, failures)
+        space = stage.space.head if isinstance(stage.space, JoinedBox) else stage.space
+        assert isinstance(space, SearchSpace)  # sp_stage's space is the campaign kind (then its contexts)
+        feasibility = FeasibilityModel(preset, space, stage.x[:, : space.dim], failures)
     for fitted in (sp, droplet):
         if fitted is not None and fitted.cv is None:
             notes.append(f"{fitted.stage.name} stage: no cross-validation (fewer than 4 runs, or --folds below 2).")
-    return FitResult(runs, model, preset, sp, droplet, feasibility, tuple(notes))
+    fitted_stages = [s for s in (sp, droplet) if s is not None]
+    holdouts = tuple(holdout(s.stage, train_rows, draws, seed) for s in fitted_stages) if train_rows else ()
+    return FitResult(runs, model, preset, sp, droplet, feasibility, tuple(notes), holdouts)
 
 
 # --- outputs and transfer -----------------------------------------------------------------------
@@ -521,6 +955,10 @@ def write_tables(result: FitResult, out: Path) -> list[Path]:
         path = out / "cv_predictions.csv"
         pd.concat([cv.predictions.assign(stage=cv.stage) for cv in cvs]).to_csv(path, index=False)
         written.append(path)
+    for h in result.holdouts:
+        path = out / f"holdout_{h.stage}.csv"
+        h.per_draw.to_csv(path, index=False)
+        written.append(path)
     summary = {
         "source": result.runs.source,
         "model": result.model,
@@ -530,6 +968,12 @@ def write_tables(result: FitResult, out: Path) -> list[Path]:
         "notes": list(result.notes),
         "parameters": result.parameters().to_dict("records"),
         "cross_validation": {cv.stage: cv.table.reset_index().to_dict("records") for cv in cvs},
+        "contexts": result.context_summary(),
+        "unused_columns": {u.column: u.hint for u in result.runs.unused},
+        "holdout": {
+            h.stage: {"train_rows": h.train_rows, "draws": h.draws, "median": h.table.reset_index().to_dict("records")}
+            for h in result.holdouts
+        },
     }
     path = out / "fit.json"
     path.write_text(json.dumps(summary, indent=2, ensure_ascii=False), encoding="utf-8")
@@ -587,7 +1031,7 @@ def seed_campaign(result: FitResult, directory: str | Path, target_nm: float, **
     them twice would make the campaign overconfident.
     """
     directory = Path(directory)
-    check_new_campaign_dir(directory)
+    check_into(result.runs, result.model, directory, target_nm)
     result.prior_updates()  # fails early, before anything is written, when there is nothing to transfer
     directory.mkdir(parents=True, exist_ok=True)
     write_prior(result, directory / PRIOR_FILE)
@@ -599,6 +1043,7 @@ __all__ = [
     "FitResult",
     "Posterior",
     "Runs",
+    "check_into",
     "check_new_campaign_dir",
     "cross_validate",
     "droplet_stage",

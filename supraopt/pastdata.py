@@ -234,6 +234,38 @@ def parse_pairs(items: Iterable[str], option: str) -> dict[str, str]:
 # --- reading runs -------------------------------------------------------------------------------
 
 
+CATEGORY, NUMBER = "category", "number"
+CONTEXT_KINDS = (CATEGORY, NUMBER)
+FEW_LEVELS = 12
+"""A column with at most this many distinct values (and fewer than a third of the rows) looks like a category."""
+CONTEXT_PREFIX = "context:"
+"""Prefix of a context's column in :attr:`Runs.frame` (a context column keeps its name from the file)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """A column the user asked to use as a condition of the runs (``--context COLUMN[:category]``)."""
+
+    column: str
+    kind: str
+    """'category' (per-level offsets on a physics parameter) or 'number' (a GP input, and a physics term
+    where the physics names it)."""
+    levels: tuple[str, ...] = ()
+    """A category's levels, in order of first appearance."""
+
+    @property
+    def key(self) -> str:
+        return CONTEXT_PREFIX + self.column
+
+
+@dataclass(frozen=True)
+class Unused:
+    """A column of the file that the fit does not use, and the flag that would use it."""
+
+    column: str
+    hint: str
+
+
 @dataclass(frozen=True)
 class Runs:
     """Past runs in canonical columns and units; one row per run, 'row' is its row in the file."""
@@ -243,6 +275,10 @@ class Runs:
     mapping: dict[str, tuple[str, str]]
     """Canonical field -> (column in the file, unit it was read in)."""
     notes: tuple[str, ...]
+    contexts: tuple[Context, ...] = ()
+    """Context columns, their values in ``frame[context.key]`` (text for a category, float for a number)."""
+    unused: tuple[Unused, ...] = ()
+    """Every column of the file that is neither a field nor a context."""
 
     @property
     def has_sp(self) -> bool:
@@ -381,11 +417,87 @@ def _failure(raw: Any) -> str:
     return "failed (no reason given)" if text.lower() in FAILED_YES else text
 
 
+def parse_contexts(items: Iterable[str]) -> dict[str, str | None]:
+    """``['regime:category', 'expansion_ratio']`` from ``--context`` -> {column: kind or None (decide from the cells)}."""
+    contexts: dict[str, str | None] = {}
+    for item in items:
+        column, sep, kind = item.strip().rpartition(":")
+        if not sep or kind.strip().lower() not in CONTEXT_KINDS:
+            column, kind = item.strip(), ""
+        if not column:
+            raise InputError(f"--context {item!r} names no column; use --context COLUMN or --context COLUMN:category.")
+        contexts[column.strip()] = kind.strip().lower() or None
+    return contexts
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def suggest_use(column: str, cells: pd.Series) -> str:
+    """The flag that would use an unused column, judged from its cells."""
+    values = cells.astype(str).str.strip()
+    values = values[values != ""]
+    levels = values.nunique()
+    if levels <= 1:
+        return "constant (one value): nothing to learn from it"
+    numeric = bool(values.map(_is_number).all())
+    few = levels <= FEW_LEVELS and levels <= len(values) / 3
+    if not numeric and not few:
+        return "text, a different value in most rows (an identifier or a note): not usable"
+    if numeric and levels == len(values) and _name_key(column).endswith(("id", "number", "no", "index")):
+        return "looks like a run number (every value differs): not usable"
+    quoted = column if re.fullmatch(r"[\w.-]+", column) else repr(column)
+    if not numeric:
+        return f"--context {quoted}  (a category, {levels} levels)"
+    if few:
+        return f"--context {quoted}:category  ({levels} levels; or --context {quoted} as a number)"
+    return f"--context {quoted}  (a number)"
+
+
+def _read_contexts(
+    frame: pd.DataFrame, out: pd.DataFrame, wanted: Mapping[str, str | None], resolved: Mapping[str, tuple[str, str]]
+) -> tuple[Context, ...]:
+    """Check and copy every ``--context`` column into ``out`` (as ``context:<column>``)."""
+    columns = list(frame.columns)
+    by_lower = {c.lower(): c for c in columns}
+    used = {column: name for name, (column, _) in resolved.items()}
+    contexts = []
+    for asked, kind in wanted.items():
+        column = asked if asked in columns else by_lower.get(asked.lower())
+        if column is None:
+            raise InputError(f"--context {asked!r} names no column; columns: {columns}.")
+        if column in used:
+            raise InputError(
+                f"--context {column!r}: that column is already read as {BY_NAME[used[column]].label}; "
+                f"to use it as a context instead, also give --map {BY_NAME[used[column]].short}= (empty)."
+            )
+        cells = frame[column].astype(str).str.strip()
+        if kind is None:
+            kind = NUMBER if cells[cells != ""].map(_is_number).all() else CATEGORY
+        ok = out["failed"] == ""
+        for text, row, good in zip(cells, out["row"], ok, strict=True):
+            if good and not text:
+                raise InputError(f"row {row}, context column {column!r}: empty; fill it in or mark the run failed.")
+        if kind == NUMBER:
+            values = np.array([_number(v, r, column) for v, r in zip(cells, out["row"], strict=True)])
+            out[CONTEXT_PREFIX + column] = values
+            contexts.append(Context(column, NUMBER))
+        else:
+            out[CONTEXT_PREFIX + column] = list(cells)
+            contexts.append(Context(column, CATEGORY, tuple(dict.fromkeys(cells[ok.to_numpy()]))))
+    return tuple(contexts)
+
+
 def read_runs(
     path: str | Path,
     preset: Preset,
     mapping: Mapping[str, str] | None = None,
     units: Mapping[str, str] | None = None,
+    contexts: Mapping[str, str | None] | None = None,
     sheet: str | None = None,
 ) -> Runs:
     """Read past runs: map columns, convert units, check every cell a fit will use.
@@ -397,6 +509,8 @@ def read_runs(
         mapping: field (short or canonical name) -> column, for headers supraopt does not
             recognise; an empty column name ignores a column it would pick itself.
         units: field -> unit where neither the header nor the default says it (see :data:`FIELDS`).
+        contexts: column -> 'category', 'number' or None (decided from the cells): conditions of the
+            runs to use besides the fields (see :func:`parse_contexts`).
         sheet: the sheet of an .xlsx workbook to read (default: the first).
     Raises:
         InputError: one sentence naming the missing column, or the row and column of the first bad cell.
@@ -460,7 +574,11 @@ def read_runs(
             f"no temperature column: every run is taken at the preset's {preset.reference_temperature_c:g} °C."
         )
     _check_filled(out, resolved)
-    return Runs(out, source, resolved, tuple(notes))
+    read = _read_contexts(frame, out, contexts or {}, resolved)
+    taken = {column for column, _ in resolved.values()} | {c.column for c in read}
+    taken |= {column for column in mapping.values() if column}
+    unused = tuple(Unused(c, suggest_use(c, frame[c])) for c in frame.columns if c not in taken)
+    return Runs(out, source, resolved, tuple(notes), read, unused)
 
 
 def _check_stages(out: pd.DataFrame, resolved: Mapping[str, tuple[str, str]], source: str, columns: list[str]) -> None:

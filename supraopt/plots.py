@@ -292,9 +292,8 @@ def fit_figures(result: FitResult) -> dict[str, Figure]:
             for outcome in stage.gps:
                 figures[f"{stage.stage.name}_{outcome}_parity"] = parity(stage.cv, outcome)
                 figures[f"{stage.stage.name}_{outcome}_residuals"] = residuals(stage.cv, outcome)
-    if result.sp is not None:
-        space = result.sp.stage.space
-        assert isinstance(space, SearchSpace)
+    space = result.sp.stage.space if result.sp is not None else None
+    if result.sp is not None and isinstance(space, SearchSpace):  # with contexts the maps would need their values
         frame = result.runs.frame
         temperature = float(frame.loc[frame["failed"] == "", "temperature_c"].median())
         figures["supraparticle_maps"] = maps(

@@ -17,6 +17,13 @@ MAP_HELP = (
     "diameter, pdi, n_particles, droplet, failed, capillary_number, orifice_width, aspect_ratio. "
     "FIELD= (empty) ignores a column picked automatically."
 )
+CONTEXT_HELP = (
+    "COLUMN or COLUMN:category (or COLUMN:number), repeatable: use a column that is not one of the fields as a "
+    "condition of the runs. A category (chip, NC batch, regime...) gets one offset per level on the physics "
+    "parameter it moves (droplet prefactor; SP packing), shrunk towards the others; a number (expansion ratio, "
+    "room temperature...) becomes an input of the GP, and a power-law term where the physics names it. "
+    "Text columns are categories, numbers numbers, unless ':category' says otherwise."
+)
 UNIT_HELP = (
     "FIELD=UNIT, repeatable, where the header does not say it (e.g. 'T (K)' does): concentration=mg/mL|vol%|fraction "
     "(volume fractions use the preset's NC density), flow_ratio=Qc/Qd|Qd/Qc, temperature=C|K, diameter=nm|um, "
@@ -61,8 +68,18 @@ def fit_command(
     map_: Annotated[list[str] | None, typer.Option("--map", help=MAP_HELP)] = None,
     unit: Annotated[list[str] | None, typer.Option("--unit", help=UNIT_HELP)] = None,
     out: Annotated[Path | None, typer.Option(help="Folder for tables and plots (default: ./<DATA name>-fit).")] = None,
+    context: Annotated[list[str] | None, typer.Option("--context", help=CONTEXT_HELP)] = None,
     folds: Annotated[int, typer.Option(help="k of the k-fold cross-validation; 0 skips it.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed of the split into folds.")] = 0,
+    train_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--train-rows",
+            help="Small-data benchmark: fit on this many random runs and predict all the others (MAPE and 90 % "
+            "interval coverage of the held-out runs, median over --draws). Replaces the k-fold CV.",
+        ),
+    ] = None,
+    draws: Annotated[int, typer.Option(help="Repeats of the --train-rows fit, each on other random runs.")] = 10,
+    seed: Annotated[int, typer.Option(help="Seed of the split into folds and of the --train-rows draws.")] = 0,
     draw: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots into --out.")] = True,
     into: Annotated[
         Path | None,
@@ -82,8 +99,8 @@ def fit_command(
     """
     with user_errors():
         from supraopt import plots
-        from supraopt.fit import check_new_campaign_dir, fit_runs, seed_campaign, write_tables
-        from supraopt.pastdata import parse_pairs, read_runs
+        from supraopt.fit import check_into, check_new_campaign_dir, fit_runs, seed_campaign, write_tables
+        from supraopt.pastdata import parse_contexts, parse_pairs, read_runs
         from supraopt.paths import check_input_file, check_new_folder, check_output_folder
         from supraopt.physics import Preset
 
@@ -92,20 +109,45 @@ def fit_command(
         if folds < 0 or folds == 1:
             raise InputError(f"--folds {folds} must be 0 (no cross-validation) or at least 2.")
         check_input_file(data, "data file")
+        if train_rows is not None and train_rows < 4:
+            raise InputError(f"--train-rows {train_rows} must be at least 4.")
+        if draws < 1:
+            raise InputError(f"--draws {draws} must be at least 1.")
         if into is not None:
             check_new_folder(into, "--into")
             check_new_campaign_dir(into)
         check_output_folder(out if out is not None else Path(f"{data.stem}-fit"), "--out")
         preset = Preset.load(model)
-        runs = read_runs(data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"), sheet)
+        contexts = parse_contexts(context or [])
+        runs = read_runs(
+            data, preset, parse_pairs(map_ or [], "--map"), parse_pairs(unit or [], "--unit"), contexts, sheet
+        )
+        if into is not None and target_nm is not None:
+            check_into(runs, model, into, target_nm)  # before the fit: a refusal costs no time, writes nothing
         read = Table(title=f"Columns read from {data}", title_justify="left")
         for header in ("field", "column", "unit"):
             read.add_column(header)
         for name, (column, unit_name) in runs.mapping.items():
             read.add_row(name, column, unit_name)
+        for ctx in runs.contexts:
+            levels = f"{len(ctx.levels)} levels" if ctx.levels else ""
+            read.add_row(f"context ({ctx.kind})", ctx.column, levels)
         console.print(read)
+        if runs.unused:
+            unused = Table(title="Columns not used (the flag that would use one)", title_justify="left")
+            unused.add_column("column")
+            unused.add_column("to use it")
+            for item in runs.unused:
+                unused.add_row(item.column, item.hint)
+            unused.caption = (
+                "--map FIELD=COLUMN if a column holds one of the fields; a context must be known before the run "
+                "(a condition, not another result)."
+            )
+            console.print(unused)
+        if train_rows is not None:
+            folds = 0
         with console.status("Fitting and cross-validating..."):
-            result = fit_runs(runs, model, folds, seed)
+            result = fit_runs(runs, model, folds, seed, train_rows, draws)
         out = out or Path(f"{data.stem}-fit")
         written = write_tables(result, out)
         if draw:
@@ -127,11 +169,21 @@ def fit_command(
         title = f"{str(stage_name).capitalize()} stage: physics parameters (sd from the Laplace posterior)"
         console.print(frame_table(part.set_index("parameter")[columns], title, "parameter"))
         print_legend("prior: mean ± sd · fitted: MAP ± sd · sd ratio: fitted sd / prior sd (small = learned)")
+    used = result.context_summary()
+    for line in used:
+        console.print(f"context: {line}", highlight=False, soft_wrap=True)
+    contexts_said = "contexts: " + (", ".join(c.column for c in runs.contexts) or "none")
     for stage in result.stages():
         if stage.cv is not None:
-            title = f"{stage.stage.name.capitalize()} stage: {stage.cv.folds}-fold cross-validation"
+            title = f"{stage.stage.name.capitalize()} stage: {stage.cv.folds}-fold cross-validation ({contexts_said})"
             console.print(frame_table(stage.cv.table.rename(columns=short_cv_name), title, "model"))
             print_legend("d: diameter · cov90: share of held-out runs inside the 90 % prediction interval")
+    for h in result.holdouts:
+        title = (
+            f"{h.stage.capitalize()} stage: fits on {h.train_rows} random runs, each predicting all the other runs; "
+            f"median of {h.draws} draws ({contexts_said})"
+        )
+        console.print(frame_table(h.table, title, "model"))
     console.print(f"Wrote {len(written)} files to {out}/: {', '.join(p.name for p in written)}", highlight=False)
     if into is not None:
         console.print(
