@@ -22,9 +22,17 @@ class StopReason(StrEnum):
     """Ctrl-C: experiments in flight stay DISPATCHED/RUNNING; run again to resume."""
     RIG_ERROR = "rig error"
     """Too many rig errors (or experiments without a result) in a row."""
+    OUT_OF_REACH = "out of reach"
+    """The data say no setting inside the envelope makes the remaining target(s)."""
 
 
-EXIT_CODES = {StopReason.HIT: 0, StopReason.BUDGET: 0, StopReason.INTERRUPTED: 130, StopReason.RIG_ERROR: 2}
+EXIT_CODES = {
+    StopReason.HIT: 0,
+    StopReason.BUDGET: 0,
+    StopReason.INTERRUPTED: 130,
+    StopReason.RIG_ERROR: 2,
+    StopReason.OUT_OF_REACH: 3,
+}
 
 
 @dataclass(frozen=True)
