@@ -213,6 +213,7 @@ class Campaign:
         self.last_assessment: Assessment | None = None
         """What the last :meth:`propose` concluded about every target (out of reach, confirmed)."""
         self._fit_cache: tuple[str, Surrogates] | None = None
+        self._assess_cache: tuple[str, Assessment] | None = None
         self._spec_mtime = self._spec_file_mtime()
 
     # --- lifecycle --------------------------------------------------------------------------------
@@ -341,7 +342,13 @@ class Campaign:
 
     def fitted(self, experiments: Sequence[Experiment]) -> Surrogates:
         """:meth:`fit`, reused while the experiments, the envelope and the targets are unchanged."""
-        key = repr(
+        key = self._key(experiments)
+        if self._fit_cache is None or self._fit_cache[0] != key:
+            self._fit_cache = (key, self.fit(experiments))
+        return self._fit_cache[1]
+
+    def _key(self, experiments: Sequence[Experiment]) -> str:
+        return repr(
             (
                 [(e.id, e.status, e.settings, e.measurement, e.failure) for e in experiments],
                 self.space.bounds,
@@ -349,9 +356,6 @@ class Campaign:
                 self.options,
             )
         )
-        if self._fit_cache is None or self._fit_cache[0] != key:
-            self._fit_cache = (key, self.fit(experiments))
-        return self._fit_cache[1]
 
     # --- targets: confirmed, out of reach, added ---------------------------------------------------
 
@@ -359,6 +363,9 @@ class Campaign:
         """Every target's state with the model's P(a repeat hits) at its recipe, and for targets not
         hit yet (once :data:`MIN_RUNS_FOR_VERDICT` runs are measured) whether they are in reach."""
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        key = self._key(experiments)
+        if self._assess_cache is not None and self._assess_cache[0] == key:
+            return self._assess_cache[1]
         surrogates = self.fitted(experiments)
         states = target_states(self.spec.targets, experiments)
         measured = sum(1 for e in experiments if e.status is Status.DONE and e.measurement is not None)
@@ -374,7 +381,8 @@ class Campaign:
                     with torch.no_grad():
                         envelope = acq.moments(envelope_points(self.spec.seed))
                 outlooks[i] = outlook(acq, self.spec.seed, envelope)
-        return Assessment(states, outlooks)
+        self._assess_cache = (key, Assessment(states, outlooks))
+        return self._assess_cache[1]
 
     def goals(self, assessment: Assessment, surrogates: Surrogates) -> Goals:
         """What the next experiments should serve: open targets (a recipe repeat for those awaiting

@@ -29,12 +29,19 @@ def benchmark(
     workers: Annotated[int, typer.Option(help="Parallel processes.")] = 2,
     out: Annotated[Path, typer.Option(help="Folder for the CSV files and the plot.")] = Path("benchmark-results"),
     latency: Annotated[bool, typer.Option(help="Also time suggestions for 10-1000 recorded runs.")] = True,
+    scenario: Annotated[
+        str | None,
+        typer.Option(help="Run a scenario instead: ladder (4 sizes in one campaign), confirm, unreachable."),
+    ] = None,
 ) -> None:
     """Measure experiments-to-target against plain BO and random search on many simulated worlds."""
     from rich.progress import Progress
 
     from supraopt import benchmark as bench
 
+    if scenario is not None:
+        run_scenario(scenario, worlds, budget, seed, spread, model, workers, out)
+        return
     with user_errors():
         chosen = strategy or (["supraopt", "plain-bo", "random"] if quick else list(bench.STRATEGIES))
         unknown = set(chosen) - set(bench.STRATEGIES)
@@ -74,3 +81,32 @@ def benchmark(
         for row in lat.itertuples(index=False):
             table.add_row(str(row.runs), str(row.batch), f"{row.median_s:.3f}", f"{row.max_s:.3f}")
         console.print(table)
+
+
+def run_scenario(
+    scenario: str, worlds: int, budget: int, seed: int, spread: float, model: str, workers: int, out: Path
+) -> None:
+    """``--scenario NAME``: one of :data:`supraopt.benchmark.SCENARIOS`, supraopt only."""
+    from rich.progress import Progress
+
+    from supraopt import benchmark as bench
+
+    with user_errors():
+        if scenario not in bench.SCENARIOS:
+            raise InputError(f"unknown scenario {scenario!r}: choose from {', '.join(bench.SCENARIOS)}.")
+        tasks = bench.make_scenario_tasks(scenario, worlds, budget, seed, spread, 0.03, 6.0, model)
+        out.mkdir(parents=True, exist_ok=True)
+        with Progress(console=console) as progress:
+            bar = progress.add_task(f"{len(tasks)} campaigns", total=len(tasks))
+            results = bench.run_scenario_tasks(tasks, workers, lambda _: progress.advance(bar))
+        bench.pd.DataFrame(results).to_csv(out / f"scenario-{scenario}.csv", index=False)
+        summary = bench.summarise_scenario(scenario, results)
+    table = Table(
+        title=f"Scenario {scenario}: {bench.SCENARIOS[scenario]} (budget {budget}; misses count {budget + 1})"
+    )
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in summary.items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
+    console.print(f"Wrote {out}/scenario-{scenario}.csv.")
