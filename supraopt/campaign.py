@@ -64,7 +64,8 @@ MIN_PDI_PCT = 0.3
 UNREACHABLE_P = 0.01
 """A target whose P(any setting in the envelope hits) falls under this is declared out of reach."""
 MIN_RUNS_FOR_VERDICT = 3
-"""Measured runs needed before a target may be declared out of reach (the prior alone never does)."""
+"""Finished runs (one of them measured at least) needed before a target may be declared out of
+reach: the prior alone never does."""
 
 
 @dataclass(frozen=True)
@@ -361,7 +362,7 @@ class Campaign:
 
     def assess(self, experiments: Sequence[Experiment] | None = None) -> Assessment:
         """Every target's state with the model's P(a repeat hits) at its recipe, and for targets not
-        hit yet (once :data:`MIN_RUNS_FOR_VERDICT` runs are measured) whether they are in reach."""
+        hit yet (after :data:`MIN_RUNS_FOR_VERDICT` runs) whether they are in reach."""
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         key = self._key(experiments)
         if self._assess_cache is not None and self._assess_cache[0] == key:
@@ -369,6 +370,7 @@ class Campaign:
         surrogates = self.fitted(experiments)
         states = target_states(self.spec.targets, experiments)
         measured = sum(1 for e in experiments if e.status is Status.DONE and e.measurement is not None)
+        finished = measured + sum(1 for e in experiments if e.status is Status.FAILED)
         outlooks = {}
         envelope: dict[str, torch.Tensor] | None = None
         for i, state in enumerate(states):
@@ -376,7 +378,7 @@ class Campaign:
             if state.recipe is not None and state.target.confirm > 0:
                 z = self.space.to_unit(self.space.tensor([state.recipe.settings]))
                 state.p_repeat = acq.predict(z)[0].p_hit
-            if not state.hit and measured >= MIN_RUNS_FOR_VERDICT:
+            if not state.hit and measured >= 1 and finished >= MIN_RUNS_FOR_VERDICT:
                 if envelope is None:
                     with torch.no_grad():
                         envelope = acq.moments(envelope_points(self.spec.seed))
@@ -515,12 +517,15 @@ class Campaign:
         return experiment_id
 
     def status(self) -> CampaignStatus:
-        """Counts, each target's best run and hits, from the ledger alone (no model: fast)."""
+        """Counts, each target's best run and hits; from the ledger alone (fast) unless a target's
+        repeats need the model's word to count as confirmed."""
         experiments = self.ledger.experiments()
         counts: dict[str, int] = {}
         for e in experiments:
             counts[str(e.status)] = counts.get(str(e.status), 0) + 1
         states = target_states(self.spec.targets, experiments)
+        if any(s.confirmed_by_repeats and s.target.confirm for s in states):
+            states = self.assess(experiments).states  # the model may veto a lucky run of repeats
         hit = all(s.done for s in states)
         return CampaignStatus(self.spec.target, counts, states[0].best, hit, experiments, states)
 

@@ -12,7 +12,8 @@ A campaign keeps runs at exactly the same setting together: the first hit there 
   the target is the setting the model now believes most reliable (highest P(hit)), and that
   becomes the recipe once it hits.
 
-Everything here except :func:`card` reads the ledger only (no model): ``status`` stays fast.
+:func:`target_states` reads the ledger only (no model); the campaign adds the model's P(a repeat
+hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from supraopt.spec import Target
 
 CONFIRMED_P = 0.9
 """Posterior probability that one more repeat hits, above which a recipe counts as confirmed."""
+CLEAN_REPEATS_P = 0.6
+"""Clean repeats confirm a recipe only if the model also gives one more repeat at least this
+probability of hitting: three hits in a row at the edge of the band can be luck."""
 
 
 def miss_distance(target: Target, measurement: Measurement) -> float:
@@ -72,7 +76,9 @@ class TargetState:
     def confirmed(self) -> bool:
         if not self.hit:
             return False
-        if self.target.confirm == 0 or self.confirmed_by_repeats:
+        if self.target.confirm == 0:
+            return True
+        if self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CLEAN_REPEATS_P):
             return True
         return self.p_repeat is not None and self.p_repeat >= CONFIRMED_P
 
@@ -84,7 +90,7 @@ class TargetState:
     @property
     def repeats_wanted(self) -> int:
         """Repeats still to run at the recipe (0 when done or when the recipe has missed)."""
-        if self.done or self.recipe is None or not self.recipe.clean:
+        if self.done or self.recipe is None or not self.recipe.clean or self.confirmed_by_repeats:
             return 0
         return max(self.target.confirm + 1 - self.recipe.hits, 0)
 

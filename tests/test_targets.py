@@ -104,6 +104,13 @@ def test_init_with_several_targets_then_target_add(tmp_path):
     assert not any(t["hit"] for t in status["targets"])
 
 
+def test_a_running_campaign_picks_up_an_added_target(tmp_path):
+    with Campaign.create(tmp_path / "c", MODEL, 450.0) as running, Campaign.open(tmp_path / "c") as other:
+        assert not running.reload_targets()
+        assert other.add_target(Target(650.0)) == []
+        assert running.reload_targets() and [t.diameter_nm for t in running.spec.targets] == [450.0, 650.0]
+
+
 def test_init_refuses_duplicates_and_bad_confirm(tmp_path):
     one_line_error(invoke("init", tmp_path / "a", "--target-nm", 450, "--target-nm", 450), "450 nm is given twice")
     one_line_error(invoke("init", tmp_path / "b", "--confirm", -2), "confirm=-2")
