@@ -21,11 +21,21 @@ import torch
 from torch.quasirandom import SobolEngine
 
 from supraopt import physics
-from supraopt.acquisition import Goal, Goals, HitProbability, Outlook, envelope_points, outlook, propose, reach_nm
+from supraopt.acquisition import (
+    Goal,
+    Goals,
+    HitProbability,
+    Outlook,
+    envelope_points,
+    outlook,
+    project_to_target,
+    propose,
+    reach_nm,
+)
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, Experiment, Ledger, Status
 from supraopt.physics import Preset
-from supraopt.recipe import Card, TargetState, card, miss_distance, target_states
+from supraopt.recipe import Card, TargetState, card, miss_distance, same_recipe, target_states
 from supraopt.records import Failure, Measurement, RigLimits
 from supraopt.space import SearchSpace
 from supraopt.spec import (
@@ -396,9 +406,21 @@ class Campaign:
             state = assessment.states[i]
             repeat = None
             if state.repeats_wanted and state.recipe is not None:
-                repeat = self.space.to_unit(self.space.tensor([state.recipe.settings]))[0]
+                repeat = self.repeat_point(surrogates.per_target[i], state.recipe.settings)
             goals.append(Goal(i, surrogates.per_target[i], repeat))
         return Goals(goals)
+
+    def repeat_point(self, acq: HitProbability, recipe: dict[str, float]) -> torch.Tensor:
+        """The recipe to repeat (unit cube): as it is, or re-centred (its concentration moved so the
+        predicted size is the target's) when that is still the same recipe and more likely to hit."""
+        z = self.space.to_unit(self.space.tensor([recipe]))
+        moved = self.space.settings(self.space.from_unit(project_to_target(acq, z)))[0]
+        if moved == recipe or not same_recipe(recipe, moved):
+            return z[0]
+        z_moved = self.space.to_unit(self.space.tensor([moved]))
+        with torch.no_grad():
+            better = bool(acq.log_p_hit(z_moved)[0] > acq.log_p_hit(z)[0])
+        return z_moved[0] if better else z[0]
 
     def add_target(self, target: Target) -> list[str]:
         """Add a target to this campaign (rewrites campaign.toml); returns warnings (overlapping

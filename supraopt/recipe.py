@@ -1,7 +1,9 @@
 """Recipes: which setting makes each target, how sure we are, and whether it is confirmed.
 
-A *recipe* for a target is one setting (concentration, flow ratio, temperature) whose runs hit it.
-A campaign keeps runs at exactly the same setting together: the first hit there and its repeats.
+A *recipe* for a target is one setting (concentration, flow ratio, temperature) whose runs hit it:
+a hit and the runs at (nearly) the same setting after it (:func:`same_recipe`: a repeat may nudge
+the concentration so that the predicted size sits in the middle of the band). The recipe's
+settings are those of its latest run.
 
 * A target is **hit** when any measured run hits it.
 * With ``confirm = N`` (per target, default 0) a hit is not the end: supraopt proposes ``N``
@@ -18,6 +20,7 @@ hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,15 +144,35 @@ def _hits(target: Target, e: Experiment) -> bool:
     return m is not None and target.is_hit(m.diameter_nm, m.pdi_pct)
 
 
+SAME_RECIPE_LOG = 0.12
+"""Runs whose concentration and flow ratio differ by at most this (natural log, ~12 %) ..."""
+SAME_RECIPE_C = 1.5
+"""... and whose temperatures differ by at most this (°C) are one recipe, re-centred: a repeat may
+nudge the concentration so that the predicted size sits in the middle of the band."""
+
+
+def same_recipe(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two settings are the same recipe (a repeat, perhaps re-centred on the target)."""
+    try:
+        logs = [abs(math.log(a[k] / b[k])) for k in ("concentration_mg_ml", "flow_ratio")]
+        return max(logs) <= SAME_RECIPE_LOG and abs(a["temperature_c"] - b["temperature_c"]) <= SAME_RECIPE_C
+    except (KeyError, ValueError, ZeroDivisionError):
+        return a == b
+
+
 def _recipes(target: Target, measured: list[Experiment]) -> list[Recipe]:
-    groups: dict[tuple[tuple[str, float], ...], list[Experiment]] = {}
+    """Runs grouped into recipes (each group anchored at a hit); a recipe's settings are its latest run's."""
+    groups: list[list[Experiment]] = []
     for e in measured:
-        groups.setdefault(tuple(sorted(e.settings.items())), []).append(e)
+        group = next((g for g in groups if same_recipe(g[0].settings, e.settings)), None)
+        if group is not None:
+            group.append(e)
+        elif _hits(target, e):
+            groups.append([e])
     recipes = []
-    for key, runs in groups.items():
+    for runs in groups:
         hits = sum(_hits(target, e) for e in runs)
-        if hits:
-            recipes.append(Recipe(dict(key), [e.id for e in runs], hits, len(runs) - hits))
+        recipes.append(Recipe(dict(runs[-1].settings), [e.id for e in runs], hits, len(runs) - hits))
     return recipes
 
 

@@ -16,7 +16,7 @@ from supraopt.cli import app
 from supraopt.errors import SpecError
 from supraopt.loop import StopReason, run_campaign
 from supraopt.physics import Preset
-from supraopt.recipe import target_states
+from supraopt.recipe import same_recipe, target_states
 from supraopt.records import Measurement, Proposal, RigLimits, RunState, RunStatus
 from supraopt.space import SearchSpace
 from supraopt.spec import CampaignSpec, Target, check_targets, default_bounds, load_spec, parse_spec
@@ -141,17 +141,18 @@ def test_a_target_is_confirmed_by_clean_repeats_only(tmp_path):
         assert t450.recipe is not None and t450.recipe.misses == 1 and t450.repeats_wanted == 0
         for _ in range(3):
             campaign.add_run(S2, measured(455.0))
-        [t450, _] = target_states(campaign.spec.targets, campaign.ledger.experiments())
+        [t450, t600] = target_states(campaign.spec.targets, campaign.ledger.experiments())
         assert t450.confirmed and t450.recipe is not None and t450.recipe.settings == S2
-        assert t450.recipe.hits == 3 and not campaign.status().hit  # 600 nm still open
+        assert t450.recipe.hits == 3 and not t600.done
 
 
 def test_after_a_hit_confirm_proposes_the_recipe_and_the_card_shows_it(tmp_path):
     with Campaign.create(tmp_path / "c", MODEL, 450.0, confirm=2) as campaign:
         campaign.add_run({**S1, "concentration_mg_ml": 2.0}, measured(380.0))
         hit_id = campaign.add_run(S1, measured(451.0))
-        [suggestion] = campaign.suggest()
-        assert suggestion.settings == S1 and suggestion.prediction["repeat"] == 1.0
+        [suggestion] = campaign.suggest()  # the recipe again, its concentration perhaps re-centred
+        assert same_recipe(suggestion.settings, S1) and suggestion.prediction["repeat"] == 1.0
+        assert suggestion.settings["flow_ratio"] == S1["flow_ratio"]
         [card] = campaign.recipes()
         assert card.settings == S1 and card.state.recipe is not None and card.state.recipe.runs == [hit_id]
         assert card.p_hit is not None and 0 < card.p_hit < 1 and card.diameter_nm is not None
