@@ -49,6 +49,7 @@ from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.priors import GammaPrior
+from gpytorch.utils.warnings import GPInputWarning
 from torch import Tensor
 
 from supraopt import physics
@@ -239,7 +240,9 @@ class PhysicsGP:
 
     def moments(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean and variance (`n` each) at unit-cube points; differentiable in ``z``."""
-        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
+            # predicting at exactly the measured settings (a recipe's repeat) is meant
+            warnings.simplefilter("ignore", GPInputWarning)
             if self.model is None:
                 mean = self.prior_mean_module(z)
                 var = self.prior_covar_module(z, diag=True)
@@ -249,7 +252,8 @@ class PhysicsGP:
 
     def joint(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean `n` and covariance `n x n` at unit-cube points."""
-        with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
+            warnings.simplefilter("ignore", GPInputWarning)
             if self.model is None:
                 return self.prior_mean_module(z), self.prior_covar_module(z).to_dense()
             dist = self.model(z)
