@@ -176,6 +176,7 @@ def run_task(task: Task) -> dict[str, Any]:
     latencies: list[float] = []
     failures = 0
     first_hit = task.budget + 1
+    false_alarm = False
     with tempfile.TemporaryDirectory() as tmp:
         random_search = task.strategy == "random"
         campaign = Campaign.create(
@@ -199,6 +200,8 @@ def run_task(task: Task) -> dict[str, Any]:
                     start = time.perf_counter()
                     [suggestion] = campaign.suggest(1)
                     latencies.append(time.perf_counter() - start)
+                    verdict = campaign.last_assessment
+                    false_alarm |= verdict is not None and bool(verdict.unreachable())
                     settings, experiment_id = suggestion.settings, suggestion.experiment_id
                 result = world.sample(settings, rng)
                 if experiment_id is None:
@@ -221,6 +224,7 @@ def run_task(task: Task) -> dict[str, Any]:
         "experiments_to_hit": first_hit,
         "hit": first_hit <= task.budget,
         "failures": failures,
+        "false_alarm": false_alarm,
         "median_latency_s": statistics.median(latencies) if latencies else math.nan,
         "curve": curve,
     }
@@ -342,6 +346,7 @@ def summarise(results: Sequence[dict[str, Any]], budget: int) -> pd.DataFrame:
                 "hit<=15": float((n <= 15).mean()),
                 f"hit<={budget}": float((n <= budget).mean()),
                 "median_latency_s": float(group["median_latency_s"].median()),
+                "false_alarms": int(group["false_alarm"].sum()),
             }
         )
     order = {s: i for i, s in enumerate(STRATEGIES)}
@@ -415,3 +420,203 @@ def _tensor(array: np.ndarray) -> Any:
     import torch
 
     return torch.as_tensor(array, dtype=torch.double)
+
+
+# --- scenarios: several targets, confirmed recipes, specs out of reach ---------------------------
+#
+# ``supraopt benchmark --scenario NAME`` runs one of :data:`TARGET_SCENARIOS` instead of the
+# experiments-to-first-hit comparison. Each scenario draws its worlds like :func:`make_tasks` and runs
+# supraopt only. The plain run (no ``--scenario``) also records, per campaign, whether supraopt ever
+# declared the (reachable) target out of reach: a false alarm.
+
+
+@dataclass(frozen=True)
+class ScenarioTask:
+    """One campaign of a scenario."""
+
+    scenario: str
+    world_seed: int
+    targets_nm: tuple[float, ...]
+    seed: int
+    budget: int
+    tolerance: float
+    pdi_max_pct: float
+    spread: float
+    confirm: int = 0
+    kind: str = ""
+    """unreachable: 'pdi' (ceiling under the world's floor) or 'size' (outside what it makes)."""
+    preset: str = PRESET
+
+
+REPEAT_CHECKS = 40
+"""Re-runs of a confirmed recipe on its world to measure how often it hits again."""
+
+
+def _grid(world: World, bounds: dict[str, tuple[float, float]]) -> tuple[Any, Any, Any, Any]:
+    axes = [np.geomspace(*bounds[name], 40) for name in PARAMETERS[:2]]
+    axes.append(np.linspace(*bounds["temperature_c"], 13))
+    c, r, t = np.meshgrid(*axes, indexing="ij")
+    safe = np.all([p < 0.05 for p in world.failure_probabilities(c, r, t).values()], axis=0)
+    return c, r, t, safe
+
+
+def unreachable_spec(world: World, bounds: dict[str, tuple[float, float]], kind: str) -> tuple[float, float] | None:
+    """(target nm, PDI ceiling %) the world cannot make: a ceiling half its PDI floor at a size it
+    makes ('pdi'), or a size 1.6 times beyond the largest it makes at any PDI ('size')."""
+    c, r, t, safe = _grid(world, bounds)
+    d, pdi = world.diameter_nm(c, r, t), world.pdi_pct(c, r, t)
+    if not safe.any():
+        return None
+    if kind == "size":
+        return float(round(1.6 * d[safe].max(), 0)), 6.0
+    size = float(round(np.exp(np.median(np.log(d[safe]))), 0))
+    near = safe & (np.abs(d / size - 1) <= 0.03)
+    floor = float(pdi[near].min()) if near.any() else float(pdi[safe].min())
+    return size, round(floor / 2, 1)
+
+
+def make_scenario_tasks(
+    scenario: str, worlds: int, budget: int, seed: int, spread: float, tolerance: float, pdi_max_pct: float, preset: str
+) -> list[ScenarioTask]:
+    bounds = default_bounds(preset)
+    tasks = []
+    for w in range(worlds):
+        world_seed = 10_000 * (seed + 1) + w
+        world = World.random(world_seed, preset, spread)
+        if scenario == "ladder":
+            targets = reachable_targets(world, bounds, 4, pdi_max_pct)
+            if targets:
+                tasks.append(
+                    ScenarioTask(scenario, world_seed, tuple(targets), 1000 * w, budget, tolerance, pdi_max_pct, spread)
+                )
+        elif scenario == "confirm":
+            for k, target in enumerate(reachable_targets(world, bounds, 2, pdi_max_pct)):
+                tasks.append(
+                    ScenarioTask(
+                        scenario, world_seed, (target,), 1000 * w + k, budget, tolerance, pdi_max_pct, spread, confirm=2
+                    )
+                )
+        elif scenario == "unreachable":
+            for k, kind in enumerate(("pdi", "size")):
+                spec = unreachable_spec(world, bounds, kind)
+                if spec is not None:
+                    size, ceiling = spec
+                    tasks.append(
+                        ScenarioTask(
+                            scenario, world_seed, (size,), 1000 * w + k, budget, tolerance, ceiling, spread, kind=kind
+                        )
+                    )
+        else:
+            raise ValueError(f"unknown scenario {scenario!r}")
+    return tasks
+
+
+def run_scenario_task(task: ScenarioTask) -> dict[str, Any]:
+    """Run one scenario campaign: until every target is done, it is declared out of reach, or the budget."""
+    import torch
+
+    from supraopt.campaign import Campaign
+
+    torch.set_num_threads(1)
+    world = World.random(task.world_seed, task.preset, task.spread)
+    rng = np.random.default_rng(task.seed)
+    out: dict[str, Any] = {**asdict(task), "targets_nm": " ".join(f"{t:g}" for t in task.targets_nm)}
+    first_hit: dict[float, int] = {}
+    stopped_at, message, used = None, "", task.budget
+    with tempfile.TemporaryDirectory() as tmp:
+        campaign = Campaign.create(
+            Path(tmp) / "c",
+            task.preset,
+            task.targets_nm,
+            tolerance=task.tolerance,
+            pdi_max_pct=task.pdi_max_pct,
+            confirm=task.confirm,
+            seed=task.seed,
+        )
+        try:
+            for step in range(1, task.budget + 1):
+                assessment = campaign.assess()
+                if assessment.all_done:
+                    used = step - 1
+                    break
+                if not assessment.open():
+                    stopped_at, message, used = step - 1, " ".join(assessment.messages()), step - 1
+                    break
+                [suggestion] = campaign.suggest(1)
+                result = world.sample(suggestion.settings, rng)
+                campaign.record(suggestion.experiment_id, result)
+                if isinstance(result, Measurement):
+                    for t in campaign.spec.targets:
+                        if t.is_hit(result.diameter_nm, result.pdi_pct):
+                            first_hit.setdefault(t.diameter_nm, step)
+            else:
+                assessment = campaign.assess()
+            done = assessment.all_done
+            out |= {
+                "experiments": used if done else task.budget + 1,
+                "done": done,
+                "targets_hit": len(first_hit),
+                "stopped_out_of_reach_at": stopped_at,
+                "message": message,
+            }
+            if task.scenario == "confirm" and done:
+                recipe = assessment.states[0].recipe
+                assert recipe is not None
+                target = campaign.spec.target
+                repeats = [world.sample(recipe.settings, rng) for _ in range(REPEAT_CHECKS)]
+                hits = sum(isinstance(m, Measurement) and target.is_hit(m.diameter_nm, m.pdi_pct) for m in repeats)
+                out["repeat_hit_rate"] = hits / REPEAT_CHECKS
+        finally:
+            campaign.close()
+    return out
+
+
+def run_scenario_tasks(
+    tasks: Sequence[ScenarioTask], workers: int, on_done: Callable[[dict[str, Any]], None]
+) -> list[dict[str, Any]]:
+    results = []
+    if workers <= 1:
+        for task in tasks:
+            results.append(run_scenario_task(task))
+            on_done(results[-1])
+        return results
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
+        futures = [pool.submit(run_scenario_task, task) for task in tasks]
+        for future in as_completed(futures):
+            results.append(future.result())
+            on_done(results[-1])
+    return sorted(results, key=lambda r: (r["world_seed"], r["seed"]))
+
+
+def summarise_scenario(scenario: str, results: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """The figures each scenario's targets are stated in (see the README)."""
+    frame = pd.DataFrame(results)
+    n = frame["experiments"]
+    summary: dict[str, float] = {"campaigns": float(len(frame))}
+    if scenario in ("ladder", "confirm"):
+        summary |= {
+            "median experiments": float(n.median()),
+            "p90 experiments": float(n.quantile(0.9, interpolation="higher")),
+            "max experiments": float(n.max()),
+            "done within budget": float(frame["done"].mean()),
+        }
+    if scenario == "confirm":
+        rates = frame["repeat_hit_rate"].dropna() if "repeat_hit_rate" in frame else pd.Series(dtype=float)
+        summary["confirmed recipe: repeat hit rate"] = float(rates.mean()) if len(rates) else math.nan
+    if scenario == "unreachable":
+        stopped = frame["stopped_out_of_reach_at"]
+        for kind, group in frame.groupby("kind"):
+            at = group["stopped_out_of_reach_at"]
+            summary[f"{kind}: stopped within 8"] = float((at.notna() & (at <= 8)).mean())
+            summary[f"{kind}: median stop"] = float(at.median()) if at.notna().any() else math.nan
+        summary["stopped within 8 (all)"] = float((stopped.notna() & (stopped <= 8)).mean())
+        summary["hit anyway (should be 0)"] = float(frame["targets_hit"].gt(0).mean())
+    return summary
+
+
+TARGET_SCENARIOS = {
+    "ladder": "4 targets per world in one campaign: experiments until every target is hit",
+    "confirm": "confirm = 2: experiments until the target is confirmed; how often the recipe hits again",
+    "unreachable": "PDI ceiling under the world's floor, or a size beyond its reach: when supraopt stops",
+}
+"""``supraopt benchmark --scenario NAME``: name -> what it measures. Add new scenarios here."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.preset import Preset
+from supraopt.recipe import Card, TargetState, card, miss_distance, same_recipe, target_states
 from supraopt.records import Context, Failure, Measurement, Plausible, RigLimits, validate_context
 from supraopt.space import SearchSpace
 from supraopt.spec import (
@@ -29,6 +30,7 @@ from supraopt.spec import (
     RigSettings,
     Target,
     check_plausible,
+    check_targets,
     default_bounds,
     load_spec,
     plausible_ranges,
@@ -39,7 +41,7 @@ from supraopt.spec import (
 if TYPE_CHECKING:  # torch, BoTorch and the models load only when something is fitted (status needs none)
     import torch
 
-    from supraopt.acquisition import HitProbability
+    from supraopt.acquisition import Goals, HitProbability, Outlook
     from supraopt.context import ContextModel
     from supraopt.surrogate import Feasibility, PhysicsGP, ResidualPrior
 
@@ -50,6 +52,12 @@ explain everything, so they start wide."""
 
 MIN_PDI_PCT = 0.3
 """Floor under measured PDI values before taking logs (a 0 % CV is a measuring artefact)."""
+
+UNREACHABLE_P = 0.01
+"""A target whose P(any setting in the envelope hits) falls under this is declared out of reach."""
+MIN_RUNS_FOR_VERDICT = 3
+"""Finished runs (one of them measured at least) needed before a target may be declared out of
+reach: the prior alone never does."""
 
 
 @dataclass(frozen=True)
@@ -101,11 +109,14 @@ class Surrogates:
     pdi: PhysicsGP
     feasibility: Feasibility
     acquisition: HitProbability
+    """Hit probability for the first target."""
     pending_z: torch.Tensor
     context: Context = field(default_factory=dict)
     """The context the acquisition's GPs have fixed inside (the proposal's)."""
     context_model: ContextModel | None = None
     """How contexts enter the GPs; None when the campaign has none (the GPs see the 3 controls only)."""
+    per_target: tuple[HitProbability, ...] = ()
+    """Hit probability for every target, in the spec's order."""
 
 
 @dataclass(frozen=True)
@@ -113,12 +124,17 @@ class CampaignStatus:
     """Summary for humans and scripts."""
 
     target: Target
+    """The first target."""
     counts: dict[str, int]
     best: Experiment | None
+    """Best run for the first target."""
     hit: bool
+    """Every target is done: hit, and confirmed by its repeats when it asks for them."""
     experiments: list[Experiment] = field(default_factory=list)
     context: Context = field(default_factory=dict)
     """The campaign's current context: the conditions the next experiments run under."""
+    targets: list[TargetState] = field(default_factory=list)
+    """Every target's best run, hits and recipe."""
 
     @property
     def first_hit(self) -> Experiment | None:
@@ -128,7 +144,8 @@ class CampaignStatus:
 
     def is_hit(self, e: Experiment) -> bool:
         m = e.measurement
-        return e.status is Status.DONE and m is not None and self.target.is_hit(m.diameter_nm, m.pdi_pct)
+        specs = [s.target for s in self.targets] or [self.target]
+        return e.status is Status.DONE and m is not None and any(t.is_hit(m.diameter_nm, m.pdi_pct) for t in specs)
 
     def to_json(self) -> dict[str, Any]:
         first = self.first_hit
@@ -137,6 +154,7 @@ class CampaignStatus:
             "counts": self.counts,
             "hit": self.hit,
             "context": self.context,
+            "targets": [t.to_json() for t in self.targets],
             "best": None if self.best is None else experiment_json(self.best),
             "first_hit": None if first is None else first.id,
             "experiments": [{**experiment_json(e), "hit": self.is_hit(e)} for e in self.experiments],
@@ -164,10 +182,47 @@ def _reads_as_number(value: object) -> bool:
         return False
 
 
-def miss_distance(target: Target, measurement: Measurement) -> float:
-    """How far a result is from the target in units of the tolerances: a hit is <= 1."""
-    size = abs(measurement.diameter_nm / target.diameter_nm - 1.0) / target.tolerance
-    return max(size, measurement.pdi_pct / target.pdi_max_pct)
+@dataclass(frozen=True)
+class Assessment:
+    """Every target's state with the model's view: P(a repeat hits) and, for targets not yet hit,
+    whether the spec still looks reachable (see :meth:`Campaign.assess`)."""
+
+    states: list[TargetState]
+    outlooks: dict[int, Outlook]
+    """Target index -> outlook, for targets not hit yet once enough runs are measured."""
+
+    @property
+    def all_done(self) -> bool:
+        return all(s.done for s in self.states)
+
+    def unreachable(self) -> list[int]:
+        """Indices of targets not hit whose P(any setting hits) is under :data:`UNREACHABLE_P`."""
+        return [i for i, o in self.outlooks.items() if o.p_any_hit < UNREACHABLE_P and not self.states[i].hit]
+
+    def open(self) -> list[int]:
+        """Targets still to work on: not done and not out of reach."""
+        out = set(self.unreachable())
+        return [i for i, s in enumerate(self.states) if not s.done and i not in out]
+
+    def messages(self) -> list[str]:
+        """One line per target that looks out of reach, with the nearest achievable spec."""
+        return [out_of_reach_message(self.states[i].target, self.outlooks[i]) for i in self.unreachable()]
+
+
+def out_of_reach_message(target: Target, outlook: Outlook) -> str:
+    """'450 nm ± 3 %, PDI ≤ 2 % looks out of reach ...' with the nearest spec the rig can make."""
+    text = f"{target.label()} looks out of reach (P(any setting in the envelope hits) = {outlook.p_any_hit:.1%})"
+    nearest = []
+    if outlook.lowest_pdi_at_size is not None:
+        nearest.append(
+            f"the lowest PDI reachable at {target.diameter_nm:g} nm is about {outlook.lowest_pdi_at_size:.1f} %"
+        )
+    if outlook.size_range_nm is not None:
+        low, high = outlook.size_range_nm
+        nearest.append(f"under {target.pdi_max_pct:g} % PDI the rig makes about {low:.0f}-{high:.0f} nm")
+    else:
+        nearest.append(f"no setting is predicted under {target.pdi_max_pct:g} % PDI")
+    return f"{text}: {'; '.join(nearest)}."
 
 
 def _refuse_empty_ledger(database: Path) -> None:
@@ -199,6 +254,11 @@ class Campaign:
         self._context_effects: dict[str, Any] | None = None
         """What a rig of this kind can measure: results outside are refused (see ``[plausible]``)."""
         self.last_suggest_seconds = math.nan
+        self.last_assessment: Assessment | None = None
+        """What the last :meth:`propose` concluded about every target (out of reach, confirmed)."""
+        self._fit_cache: tuple[str, Surrogates] | None = None
+        self._assess_cache: tuple[str, Assessment] | None = None
+        self._spec_mtime = self._spec_file_mtime()
 
     @property
     def context_effects(self) -> dict[str, Any]:
@@ -216,10 +276,11 @@ class Campaign:
         cls,
         directory: str | Path,
         model: str,
-        target_nm: float,
+        target_nm: float | Iterable[float],
         *,
         tolerance: float = 0.03,
         pdi_max_pct: float = 6.0,
+        confirm: int = 0,
         seed: int = 0,
         bounds: dict[str, tuple[float, float]] | None = None,
         rig: RigSettings | None = None,
@@ -227,15 +288,20 @@ class Campaign:
         ledger_url: str | None = None,
         loop: LoopSettings | None = None,
     ) -> Campaign:
-        """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign."""
+        """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign.
+
+        ``target_nm`` is one size or several (one campaign, one model, several targets sharing
+        ``tolerance``, ``pdi_max_pct`` and ``confirm``).
+        """
         directory = Path(directory)
+        sizes = [target_nm] if isinstance(target_nm, (int, float)) else list(target_nm)
         if (directory / SPEC_FILE).exists():
             raise SpecError(f"{directory} already holds a campaign; pick another folder or open it.")
         preset_path(resolve_model(model, directory))
         spec = CampaignSpec(
             name=name or directory.name,
             model=model,
-            target=Target(float(target_nm), float(tolerance), float(pdi_max_pct)),
+            targets=tuple(Target(float(d), float(tolerance), float(pdi_max_pct), confirm) for d in sizes),
             bounds=bounds or default_bounds(resolve_model(model, directory)),
             seed=seed,
             rig=rig or RigSettings(),
@@ -417,9 +483,155 @@ class Campaign:
             if not opts.physics:  # no physics knowledge of the window either: edges at the bounds
                 preset = replace(preset, window_mg_ml=self.spec.bounds["concentration_mg_ml"], window_log_sd=1.0)
             feasibility = FeasibilityModel(preset, self.space, ok, failures)
-        acquisition = HitProbability(size, pdi_model, feasibility, self.spec.target, n_typical)
+        per_target = tuple(HitProbability(size, pdi_model, feasibility, t, n_typical) for t in self.spec.targets)
         pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
-        return Surrogates(size, pdi_model, feasibility, acquisition, pending_z, context, context_model)
+        return Surrogates(
+            size, pdi_model, feasibility, per_target[0], pending_z, context, context_model, per_target=per_target
+        )
+
+    def fitted(self, experiments: Sequence[Experiment], context: Context | None = None) -> Surrogates:
+        """:meth:`fit`, reused while the experiments, the envelope, the targets and the context are unchanged."""
+        key = self._key(experiments, context)
+        if self._fit_cache is None or self._fit_cache[0] != key:
+            self._fit_cache = (key, self.fit(experiments, context))
+        return self._fit_cache[1]
+
+    def _key(self, experiments: Sequence[Experiment], context: Context | None = None) -> str:
+        return repr(
+            (
+                [(e.id, e.status, e.settings, e.measurement, e.failure, e.context) for e in experiments],
+                context,
+                self.space.bounds,
+                self.spec.targets,
+                self.options,
+            )
+        )
+
+    # --- targets: confirmed, out of reach, added ---------------------------------------------------
+
+    def assess(self, experiments: Sequence[Experiment] | None = None) -> Assessment:
+        """Every target's state with the model's P(a repeat hits) at its recipe, and for targets not
+        hit yet (after :data:`MIN_RUNS_FOR_VERDICT` runs) whether they are in reach."""
+        import torch
+
+        from supraopt.acquisition import envelope_points, outlook
+
+        experiments = self.ledger.experiments() if experiments is None else list(experiments)
+        key = self._key(experiments)
+        if self._assess_cache is not None and self._assess_cache[0] == key:
+            return self._assess_cache[1]
+        surrogates = self.fitted(experiments)
+        states = target_states(self.spec.targets, experiments)
+        measured = sum(1 for e in experiments if e.status is Status.DONE and e.measurement is not None)
+        finished = measured + sum(1 for e in experiments if e.status is Status.FAILED)
+        outlooks = {}
+        envelope: dict[str, torch.Tensor] | None = None
+        for i, state in enumerate(states):
+            acq = surrogates.per_target[i]
+            if state.recipe is not None and state.target.confirm > 0:
+                z = self.space.to_unit(self.space.tensor([state.recipe.settings]))
+                state.p_repeat = acq.predict(z)[0].p_hit
+            if not state.hit and measured >= 1 and finished >= MIN_RUNS_FOR_VERDICT:
+                if envelope is None:
+                    with torch.no_grad():
+                        envelope = acq.moments(envelope_points(self.spec.seed))
+                outlooks[i] = outlook(acq, self.spec.seed, envelope)
+        self._assess_cache = (key, Assessment(states, outlooks))
+        return self._assess_cache[1]
+
+    def goals(self, assessment: Assessment, surrogates: Surrogates) -> Goals:
+        """What the next experiments should serve: open targets (a recipe repeat for those awaiting
+        confirmation), else every target not out of reach, else every target."""
+        from supraopt.acquisition import Goal, Goals
+
+        indices = assessment.open() or [i for i, s in enumerate(assessment.states) if not s.done]
+        indices = indices or list(range(len(self.spec.targets)))
+        goals = []
+        for i in indices:
+            state = assessment.states[i]
+            repeat = None
+            if state.repeats_wanted and state.recipe is not None:
+                repeat = self.repeat_point(surrogates.per_target[i], state.recipe.settings)
+            goals.append(Goal(i, surrogates.per_target[i], repeat))
+        return Goals(goals)
+
+    def repeat_point(self, acq: HitProbability, recipe: dict[str, float]) -> torch.Tensor:
+        """The recipe to repeat (unit cube): as it is, or re-centred (its concentration moved so the
+        predicted size is the target's) when that is still the same recipe and more likely to hit."""
+        import torch
+
+        from supraopt.acquisition import project_to_target
+
+        z = self.space.to_unit(self.space.tensor([recipe]))
+        moved = self.space.settings(self.space.from_unit(project_to_target(acq, z)))[0]
+        if moved == recipe or not same_recipe(recipe, moved):
+            return z[0]
+        z_moved = self.space.to_unit(self.space.tensor([moved]))
+        with torch.no_grad():
+            better = bool(acq.log_p_hit(z_moved)[0] > acq.log_p_hit(z)[0])
+        return z_moved[0] if better else z[0]
+
+    def add_target(self, target: Target) -> list[str]:
+        """Add a target to this campaign (rewrites campaign.toml); returns warnings (overlapping
+        bands, a size outside what the fitted model thinks the envelope can make)."""
+        from supraopt.acquisition import HitProbability, reach_nm
+
+        spec = self.spec.with_added_target(target)
+        warnings = [w for w in check_targets(spec.targets) if f"{target.diameter_nm:g} nm" in w]
+        experiments = self.ledger.experiments()
+        surrogates = self.fitted(experiments)
+        hit = HitProbability(surrogates.size, surrogates.pdi, surrogates.feasibility, target, 50.0)
+        low, high = reach_nm(hit, self.spec.seed)
+        if not low <= target.diameter_nm <= high:
+            warnings.append(
+                f"{target.diameter_nm:g} nm is outside what the model expects this envelope to make "
+                f"(about {low:.0f}-{high:.0f} nm); supraopt will try, and say when it looks out of reach."
+            )
+        path = self.directory / SPEC_FILE
+        tmp = self.directory / (SPEC_FILE + ".tmp")
+        tmp.write_text(spec.to_toml(), encoding="utf-8")
+        tmp.replace(path)
+        self.spec = spec
+        self._spec_mtime = self._spec_file_mtime()
+        return warnings
+
+    def _spec_file_mtime(self) -> float:
+        try:
+            return (self.directory / SPEC_FILE).stat().st_mtime
+        except OSError:
+            return math.nan
+
+    def reload_targets(self) -> bool:
+        """Pick up targets added to campaign.toml by another process (``supraopt target add``)."""
+        mtime = self._spec_file_mtime()
+        if mtime == self._spec_mtime or math.isnan(mtime):
+            return False
+        self._spec_mtime = mtime
+        fresh = load_spec(self.directory)
+        if fresh.targets == self.spec.targets:
+            return False
+        self.spec = replace(self.spec, targets=fresh.targets)
+        return True
+
+    def recipes(self) -> list[Card]:
+        """The recipe card of every target (see :mod:`supraopt.recipe`)."""
+        import torch
+
+        from supraopt.acquisition import propose
+
+        experiments = self.ledger.experiments()
+        assessment = self.assess(experiments)
+        surrogates = self.fitted(experiments)
+        cards = []
+        for i, state in enumerate(assessment.states):
+            acq = surrogates.per_target[i]
+            settings = state.recipe.settings if state.recipe is not None else None
+            if settings is None:  # not hit yet: the setting most likely to hit
+                z = propose(acq, 1, torch.empty(0, self.space.dim, dtype=torch.double), self.spec.seed)
+                settings = self.space.settings(self.space.from_unit(z))[0]
+            z = self.space.to_unit(self.space.tensor([settings]))
+            cards.append(card(state, acq, z, settings))
+        return cards
 
     # --- the loop verbs ---------------------------------------------------------------------------
 
@@ -448,18 +660,25 @@ class Campaign:
 
         from supraopt.acquisition import propose
 
-        surrogates = self.fit(experiments, context)
+        surrogates = self.fitted(experiments, context)
+        assessment = self.last_assessment = self.assess(experiments)
+        goals = self.goals(assessment, surrogates)
         seed = (self.spec.seed * 100_003 + len(experiments)) % 2**63
         torch.manual_seed(seed)
         if len(experiments) < self.options.random_start:
             sobol = SobolEngine(self.space.dim, scramble=True, seed=self.spec.seed)
             z = sobol.draw(len(experiments) + n)[-n:].to(torch.double)
         else:
-            z = propose(surrogates.acquisition, n, surrogates.pending_z, seed)
+            z = propose(goals, n, surrogates.pending_z, seed)
         settings = self.space.settings(self.space.from_unit(z))
         z_rounded = self.space.to_unit(self.space.tensor(settings))
-        predictions = surrogates.acquisition.predict(z_rounded)
-        return [(s, p.to_json()) for s, p in zip(settings, predictions, strict=True)]
+        out = []
+        for i, aim in enumerate(goals.aims(z_rounded)):
+            goal = goals.goals[aim]
+            [prediction] = goal.hit.predict(z_rounded[i : i + 1])
+            extra = {"target_nm": goal.hit.target.diameter_nm, "repeat": float(goal.repeat is not None)}
+            out.append((settings[i], prediction.to_json() | extra))
+        return out
 
     def suggest(self, n: int = 1, context: Mapping[str, Any] | None = None) -> list[Suggestion]:
         """Propose `n` experiments, record them as pending (with their predictions) and return them.
@@ -552,16 +771,19 @@ class Campaign:
         return self.ledger.record_batch(batch, source, context_kinds)
 
     def status(self) -> CampaignStatus:
+        """Counts, each target's best run and hits; from the ledger alone (fast) unless a target's
+        repeats need the model's word to count as confirmed."""
         experiments = self.ledger.experiments()
         counts: dict[str, int] = {}
         for e in experiments:
             counts[str(e.status)] = counts.get(str(e.status), 0) + 1
-        measured = [e for e in experiments if e.measurement is not None and e.status is Status.DONE]
-        best = min(measured, key=lambda e: miss_distance(self.spec.target, e.measurement), default=None)  # type: ignore[arg-type]
-        hit = (
-            best is not None and best.measurement is not None and miss_distance(self.spec.target, best.measurement) <= 1
+        states = target_states(self.spec.targets, experiments)
+        if any(s.confirmed_by_repeats and s.target.confirm for s in states):
+            states = self.assess(experiments).states  # the model may veto a lucky run of repeats
+        hit = all(s.done for s in states)
+        return CampaignStatus(
+            self.spec.target, counts, states[0].best, hit, experiments, self.ledger.current_context(), states
         )
-        return CampaignStatus(self.spec.target, counts, best, hit, experiments, self.ledger.current_context())
 
     def physics_posterior(self) -> dict[str, tuple[float, float, float, float]]:
         """Fitted physics parameters: name -> (posterior mean, posterior sd, prior mean, prior sd)."""

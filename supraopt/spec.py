@@ -7,6 +7,7 @@ bad key and value.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import tomllib
@@ -40,6 +41,8 @@ class Target:
     """Relative size tolerance: 0.03 accepts 450 nm +- 3 %."""
     pdi_max_pct: float = 6.0
     """Polydispersity ceiling (coefficient of variation of the diameter, percent)."""
+    confirm: int = 0
+    """Repeats of the hitting recipe to run before the target counts as confirmed (0: a hit is enough)."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.diameter_nm) and 0 < self.diameter_nm < 1e7):
@@ -48,10 +51,46 @@ class Target:
             raise SpecError(f"target tolerance={self.tolerance} must be a fraction in (0, 0.5), e.g. 0.03.")
         if not (math.isfinite(self.pdi_max_pct) and 0 < self.pdi_max_pct <= 100):
             raise SpecError(f"target pdi_max_pct={self.pdi_max_pct} must be a percentage in (0, 100].")
+        if not (
+            isinstance(self.confirm, int) and not isinstance(self.confirm, bool) and 0 <= self.confirm <= MAX_CONFIRM
+        ):
+            raise SpecError(
+                f"target confirm={self.confirm!r} must be a whole number of repeats from 0 to {MAX_CONFIRM}."
+            )
+
+    @property
+    def band_nm(self) -> tuple[float, float]:
+        """The sizes that count as a hit."""
+        return self.diameter_nm * (1 - self.tolerance), self.diameter_nm * (1 + self.tolerance)
+
+    def label(self) -> str:
+        """Short human name, e.g. '450 nm ± 3 %, PDI ≤ 6 %'."""
+        return f"{self.diameter_nm:g} nm ± {self.tolerance:.0%}, PDI ≤ {self.pdi_max_pct:g} %"
 
     def is_hit(self, diameter_nm: float, pdi_pct: float) -> bool:
         """True when a measured run satisfies both the size tolerance and the PDI ceiling."""
         return abs(diameter_nm / self.diameter_nm - 1.0) <= self.tolerance and pdi_pct <= self.pdi_max_pct
+
+
+MAX_CONFIRM = 20
+"""Most repeats a target may ask for: more is a measurement campaign of its own."""
+
+
+def check_targets(targets: tuple[Target, ...]) -> list[str]:
+    """Refuse no target or the same size twice; return a warning for each pair whose bands overlap."""
+    if not targets:
+        raise SpecError("a campaign needs at least one target (give --target-nm or a [[targets]] table).")
+    warnings = []
+    ordered = sorted(targets, key=lambda t: t.diameter_nm)
+    for a, b in itertools.pairwise(ordered):
+        if a.diameter_nm == b.diameter_nm:
+            raise SpecError(f"target {a.diameter_nm:g} nm is given twice; give each size once.")
+        if a.band_nm[1] >= b.band_nm[0]:
+            warnings.append(
+                f"targets {a.diameter_nm:g} nm and {b.diameter_nm:g} nm overlap ({a.band_nm[1]:.0f} nm is inside "
+                f"both bands): one run may serve both."
+            )
+    return warnings
 
 
 @dataclass(frozen=True)
@@ -142,7 +181,8 @@ class CampaignSpec:
     name: str
     model: str
     """Physics preset: a name from ``models/`` or a path to a preset TOML file."""
-    target: Target
+    targets: tuple[Target, ...]
+    """What to make: one or more sizes (each its own tolerance, PDI ceiling and repeats)."""
     bounds: dict[str, tuple[float, float]]
     """Search envelope per parameter (inclusive), in the unit its name carries."""
     seed: int = 0
@@ -156,6 +196,8 @@ class CampaignSpec:
     """Declared context variables (``[context]``); empty: any name is accepted at first use."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "targets", tuple(self.targets))
+        check_targets(self.targets)
         if set(self.bounds) != set(PARAMETERS):
             raise SpecError(f"bounds must give exactly {', '.join(PARAMETERS)}; got {', '.join(self.bounds)}.")
         for name, (low, high) in self.bounds.items():
@@ -164,8 +206,18 @@ class CampaignSpec:
             if name != "temperature_c" and low <= 0:
                 raise SpecError(f"bounds {name}=[{low}, {high}] must be positive.")
 
+    @property
+    def target(self) -> Target:
+        """The first target (the only one in a single-size campaign)."""
+        return self.targets[0]
+
     def with_target(self, **changes: Any) -> CampaignSpec:
-        return replace(self, target=replace(self.target, **changes))
+        """Change the first target."""
+        return replace(self, targets=(replace(self.target, **changes), *self.targets[1:]))
+
+    def with_added_target(self, target: Target) -> CampaignSpec:
+        """A copy with one more target (checked: not the same size as another)."""
+        return replace(self, targets=(*self.targets, target))
 
     def to_toml(self) -> str:
         """Serialise to TOML text that :func:`parse_spec` reads back to an equal spec."""
@@ -177,14 +229,17 @@ class CampaignSpec:
         ]
         if self.ledger_url is not None:
             lines.append(f"ledger_url = {_toml_value(self.ledger_url)}")
-        lines += ["", "[target]"]
-        lines += [
-            f"diameter_nm = {self.target.diameter_nm!r}",
-            f"tolerance = {self.target.tolerance!r}          # relative size tolerance",
-            f"pdi_max_pct = {self.target.pdi_max_pct!r}        # polydispersity ceiling, percent",
-            "",
-            "[bounds]   # search envelope, inclusive",
-        ]
+        single = len(self.targets) == 1 and self.target.confirm == 0
+        for target in self.targets:
+            lines += ["", "[target]" if single else "[[targets]]"]
+            lines += [
+                f"diameter_nm = {target.diameter_nm!r}",
+                f"tolerance = {target.tolerance!r}          # relative size tolerance",
+                f"pdi_max_pct = {target.pdi_max_pct!r}        # polydispersity ceiling, percent",
+            ]
+            if not single:
+                lines.append(f"confirm = {target.confirm}          # repeats of the hitting recipe")
+        lines += ["", "[bounds]   # search envelope, inclusive"]
         for name in PARAMETERS:
             low, high = self.bounds[name]
             lines.append(f"{name} = [{low!r}, {high!r}]   # {UNITS[name]}")
@@ -263,7 +318,19 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 # --- strict readers: every value is checked for its type, every error names the file, table and key ---
 
-TOP_LEVEL = {"name", "model", "seed", "ledger_url", "target", "bounds", "rig", "loop", "plausible", "context"}
+TOP_LEVEL = {
+    "name",
+    "model",
+    "seed",
+    "ledger_url",
+    "target",
+    "bounds",
+    "rig",
+    "loop",
+    "plausible",
+    "context",
+    "targets",
+}
 """Keys allowed at the top of campaign.toml; a new table adds its name here and a ``_parse_<table>``."""
 
 _MISSING: Any = object()
@@ -345,18 +412,6 @@ class _Reader:
         return float(value[0]), float(value[1])
 
 
-def _parse_target(reader: _Reader) -> Target:
-    reader.only({"diameter_nm", "tolerance", "pdi_max_pct"})
-    try:
-        return Target(
-            reader.real("diameter_nm"),
-            reader.real("tolerance", Target.tolerance),
-            reader.real("pdi_max_pct", Target.pdi_max_pct),
-        )
-    except SpecError as error:
-        raise reader.error(str(error).rstrip(".")) from None
-
-
 def _parse_bounds(reader: _Reader, model: str) -> dict[str, tuple[float, float]]:
     if not reader.data:
         return default_bounds(model)
@@ -404,7 +459,7 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: P
     spec = CampaignSpec(
         name=top.text("name", "campaign", empty=True),
         model=model,
-        target=_parse_target(top.table("target")),
+        targets=parse_targets(data, source),
         bounds=_parse_bounds(top.table("bounds", {}), resolved),
         seed=top.integer("seed", 0),
         rig=_parse_rig(top.table("rig", {})),
@@ -432,10 +487,10 @@ def plausible_ranges(model: str, overrides: dict[str, tuple[float, float]] | Non
 
 def check_plausible(spec: CampaignSpec, plausible: Plausible) -> None:
     """Refuse a target or bounds that no rig of this kind can reach (a fraction given as a percent, ...)."""
-    target = spec.target
     try:
-        plausible.check("diameter_nm", target.diameter_nm, "[target]")
-        plausible.check("pdi_pct", target.pdi_max_pct, "[target] pdi_max_pct")
+        for target in spec.targets:
+            plausible.check("diameter_nm", target.diameter_nm, "[target]")
+            plausible.check("pdi_pct", target.pdi_max_pct, "[target] pdi_max_pct")
     except InputError as error:
         raise SpecError(str(error).replace("pdi_max_pct: pdi_pct", "pdi_max_pct")) from None
     for name, (low, high) in spec.bounds.items():
@@ -446,6 +501,52 @@ def check_plausible(spec: CampaignSpec, plausible: Plausible) -> None:
                 f"(expected within [{p_low:g}, {p_high:g}]); narrow it, or, for a truly unusual system, "
                 f"widen [plausible] {name}."
             )
+
+
+def parse_targets(data: dict[str, Any], source: str) -> tuple[Target, ...]:
+    """The ``[target]`` table (one size) or the ``[[targets]]`` array of tables (several)."""
+    if "target" in data and "targets" in data:
+        raise SpecError(f"{source}: give either [target] or [[targets]], not both.")
+    if "targets" in data:
+        tables, where = data["targets"], "[[targets]]"
+        if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+            raise SpecError(f"{source}: [[targets]] must be one or more tables with diameter_nm = ...; got {tables!r}.")
+    elif "target" in data:
+        tables, where = [data["target"]], "[target]"
+        if not isinstance(data["target"], dict):
+            raise SpecError(f"{source}: [target] must be a table with diameter_nm = ...; got {data['target']!r}.")
+    else:
+        raise SpecError(f"{source}: missing required key 'target' (or [[targets]]).")
+    targets = tuple(_parse_target(table, source, where) for table in tables)
+    try:
+        check_targets(targets)
+    except SpecError as error:
+        raise SpecError(f"{source}: {error}") from None
+    return targets
+
+
+def _parse_target(table: dict[str, Any], source: str, where: str) -> Target:
+    unknown = set(table) - {"diameter_nm", "tolerance", "pdi_max_pct", "confirm"}
+    if unknown:
+        raise SpecError(
+            f"{source}: bad {where} table: unknown key(s) {', '.join(sorted(unknown))}; "
+            "expected diameter_nm, tolerance, pdi_max_pct, confirm."
+        )
+    if "diameter_nm" not in table:
+        raise SpecError(f"{source}: bad {where} table {table!r}: missing required key 'diameter_nm'.")
+    where = f"{source}: {where}"
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "confirm":
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise SpecError(f"{where}: confirm={value!r} must be a whole number of repeats.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(f"{where}: {key}={value!r} must be a number.")
+        values[key] = value if key == "confirm" else float(value)
+    try:
+        return Target(**values)
+    except SpecError as error:
+        raise SpecError(f"{where}: {error}") from None
 
 
 def load_spec(directory: Path) -> CampaignSpec:

@@ -50,6 +50,7 @@ from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.priors import GammaPrior
+from gpytorch.utils.warnings import GPInputWarning
 from torch import Tensor
 
 from supraopt import physics, torchfast
@@ -262,7 +263,9 @@ class PhysicsGP:
     def moments(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean and variance (`n` each) at unit-cube points; differentiable in ``z``."""
         z = self._inputs(z)
-        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
+            # predicting at exactly the measured settings (a recipe's repeat) is meant
+            warnings.simplefilter("ignore", GPInputWarning)
             if self.model is None:
                 mean = self.prior_mean_module(z)
                 var = self.prior_covar_module(z, diag=True)
@@ -273,7 +276,8 @@ class PhysicsGP:
     def joint(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean `n` and covariance `n x n` at unit-cube points."""
         z = self._inputs(z)
-        with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+        with torch.no_grad(), gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
+            warnings.simplefilter("ignore", GPInputWarning)
             if self.model is None:
                 return self.prior_mean_module(z), self.prior_covar_module(z).to_dense()
             dist = self.model(z)
@@ -365,13 +369,22 @@ HIGH_EDGE = re.compile(r"unstable|merg|coalesc|clog|sediment|too (concentrated|h
 LOW_EDGE = re.compile(r"hollow|cream|buoyant|broken|shell|incomplete|too (dilute|low)|no (sp|supra)", re.I)
 FLOW_FAILURE = re.compile(r"jet|no droplet|flow|pressure|tip.?stream", re.I)
 """Failures of droplet generation: they bound a window in flow ratio instead."""
+HEAT_FAILURE = re.compile(
+    r"boil|bubbl|overheat|too (hot|warm)|heat|thermal|vapou?r|evaporat|"
+    r"(leak|seal|melt|soft)\w*.{0,30}(hot|high.?t|temperature|°c|deg)",
+    re.I,
+)
+"""Failures that name heat: they bound a window in temperature from above."""
 NOT_AN_EDGE = re.compile(r"boil|bubble|leak|pump|tub(e|ing)|nozzle|wet", re.I)
 """Failures of the hardware: only penalised where they happened."""
 
 
 def failure_edge(reason: str) -> str | None:
     """What a failure reason points to: the concentration window's 'high' or 'low' edge, the
-    flow-ratio window ('flow'), the hardware ('other'), or None (unknown)."""
+    flow-ratio window ('flow'), the temperature window's upper edge ('heat'), the hardware
+    ('other'), or None (unknown)."""
+    if HEAT_FAILURE.search(reason):
+        return "heat"
     if FLOW_FAILURE.search(reason):
         return "flow"
     if NOT_AN_EDGE.search(reason):
@@ -465,9 +478,12 @@ def _log_mix(p: Tensor, mislabel: float) -> Tensor:
 class FeasibilityModel:
     """Probability that a run at given settings yields usable SPs (see module docstring).
 
-    Two windows: in concentration (prior from the preset's known window) and in flow ratio (prior:
-    the whole envelope works, until droplet-generation failures say otherwise), times a local
-    penalty around every failed run.
+    Three windows: in concentration (prior from the preset's known window), in flow ratio (prior:
+    the whole envelope works, until droplet-generation failures say otherwise) and an upper edge in
+    temperature (a boiling coil, a seal that leaks when hot), times a local penalty around every
+    failed run. The temperature edge is learned from failures whose reason names heat and from
+    failures of unknown cause above the temperatures that worked; it stays out of the model (no
+    effect at all) until such a failure is recorded.
 
     Args:
         preset: supplies the prior concentration window (edges and their log-sd).
@@ -483,6 +499,9 @@ class FeasibilityModel:
     FLOW_INSIDE = 0.1
     """Prior probability that a flow-ratio edge lies inside the envelope (the rig's bounds)."""
     FLOW_MISLABEL = 0.05
+    HEAT_INSIDE = 0.2
+    """Prior probability that the temperature edge lies inside the envelope, once a failure hints at it."""
+    HEAT_MISLABEL = 0.05
     PENALTY = 0.9
     PENALTY_RADIUS = 0.07
 
@@ -499,11 +518,12 @@ class FeasibilityModel:
         for u_c, u_r in log_ok.tolist():
             self.concentration.inside(u_c, self.MISLABEL)
             self.flow.inside(u_r, self.MISLABEL)
+        self.temperature = self._temperature_window(space, ok, failures)
         for x, reason in failures:
             u_c, u_r = math.log(float(x[0])), math.log(float(x[1]))
             edge = failure_edge(reason)
-            if edge == "other":
-                continue  # the local penalty keeps the optimiser away from it
+            if edge in ("other", "heat"):
+                continue  # the local penalty (and the temperature window) keep the optimiser away
             if edge == "flow":
                 # which side: relative to the runs that worked, else to the middle of the envelope
                 middle = float(log_ok[:, 1].median()) if len(log_ok) else 0.5 * (r_span[0] + r_span[1])
@@ -511,6 +531,43 @@ class FeasibilityModel:
                 continue
             mislabel = self.MISLABEL if edge else self.UNKNOWN_CAUSE
             self.concentration.outside(u_c, edge or self.concentration.nearer_edge(u_c), mislabel)
+
+    def _temperature_window(
+        self, space: SearchSpace, ok: Tensor, failures: Sequence[tuple[Tensor, str]]
+    ) -> Window | None:
+        """An upper temperature edge on the unit temperature axis, or None while nothing hints at one.
+
+        Heat failures pull the edge below them firmly; failures of unknown cause pull it gently when
+        they happened hotter than the median run that worked (else the concentration window explains
+        them); every run that worked pushes it above itself.
+        """
+        t_low, t_high = space.bounds["temperature_c"]
+        scale = max(t_high - t_low, 1e-9)
+        ok_t = sorted(float(t) for t in ok[:, 2]) if len(ok) else []
+        middle = ok_t[len(ok_t) // 2] if ok_t else 0.5 * (t_low + t_high)
+        evidence = []
+        for x, reason in failures:
+            edge, t = failure_edge(reason), float(x[2])
+            if edge == "heat":
+                evidence.append(((t - t_low) / scale, self.HEAT_MISLABEL))
+            elif edge is None and t > middle:
+                evidence.append(((t - t_low) / scale, self.UNKNOWN_CAUSE))
+        if not evidence:
+            return None
+        window = Window.open_envelope((0.0, 1.0), inside_mass=self.HEAT_INSIDE, margin=1.0)
+        window.log_low = torch.where(window.low_grid < 0.0, 0.0, -torch.inf)  # no lower edge
+        for t in ok_t:
+            window.inside((t - t_low) / scale, self.MISLABEL)
+        for u, mislabel in evidence:
+            window.outside(u, "high", mislabel)
+        self._t_low, self._t_scale = t_low, scale
+        return window
+
+    def edge_temperature_c(self) -> float | None:
+        """Posterior-mean upper temperature edge (°C), None while no failure hints at one."""
+        if self.temperature is None:
+            return None
+        return self._t_low + self._t_scale * self.temperature.edges()[1]
 
     def edges_mg_ml(self) -> tuple[float, float]:
         """Posterior-mean concentration window edges, in mg/mL."""
@@ -521,6 +578,8 @@ class FeasibilityModel:
         """P(feasible) at `... x 3` unit-cube points (`...`); differentiable in ``z``."""
         log_x = torch.log(self.space.from_unit(z)[..., :2])
         p = self.concentration.prob(log_x[..., 0]) * self.flow.prob(log_x[..., 1])
+        if self.temperature is not None:
+            p = p * self.temperature.prob(z[..., 2])
         if len(self.fail_points):
             d2 = ((z.unsqueeze(-2) - self.fail_points) ** 2).sum(-1)
             bump = self.PENALTY * torch.exp(-0.5 * d2 / self.PENALTY_RADIUS**2)

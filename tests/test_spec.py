@@ -73,7 +73,7 @@ loops = st.builds(
 @settings(max_examples=150, deadline=None)
 @given(target=targets, bounds=bounds(), seed=st.integers(-(2**31), 2**31), loop=loops)
 def test_to_toml_round_trips(target, bounds, seed, loop):
-    spec = CampaignSpec(name="run-1", model=MODEL, target=target, bounds=bounds, seed=seed, loop=loop)
+    spec = CampaignSpec(name="run-1", model=MODEL, targets=(target,), bounds=bounds, seed=seed, loop=loop)
     assert round_trip(spec) == spec
 
 
@@ -91,7 +91,7 @@ def test_rig_options_and_ledger_url_round_trip(options, ledger_url):
     spec = CampaignSpec(
         name="run",
         model=MODEL,
-        target=Target(450.0),
+        targets=(Target(450.0),),
         bounds=default_bounds(MODEL),
         rig=RigSettings("manual", options),
         ledger_url=ledger_url,
@@ -103,13 +103,13 @@ def test_rig_options_and_ledger_url_round_trip(options, ledger_url):
 @given(name=st.text(max_size=30))
 def test_any_campaign_name_round_trips(name):
     # campaign names come from folder names, which may hold any character a file system allows
-    spec = CampaignSpec(name=name, model=MODEL, target=Target(450.0), bounds=default_bounds(MODEL))
+    spec = CampaignSpec(name=name, model=MODEL, targets=(Target(450.0),), bounds=default_bounds(MODEL))
     assert round_trip(spec) == spec
 
 
 def test_round_trip_of_a_name_outside_the_basic_multilingual_plane():
     spec = CampaignSpec(
-        name="CsPbBr3 \U0001f52c 450 nm", model=MODEL, target=Target(450.0), bounds=default_bounds(MODEL)
+        name="CsPbBr3 \U0001f52c 450 nm", model=MODEL, targets=(Target(450.0),), bounds=default_bounds(MODEL)
     )
     assert round_trip(spec).name == spec.name
 
@@ -121,7 +121,9 @@ def test_missing_bounds_come_from_the_preset():
 
 
 def test_load_spec_reads_the_file(tmp_path):
-    spec = CampaignSpec(name="x", model=MODEL, target=Target(300.0, 0.05, 8.0), bounds=default_bounds(MODEL), seed=3)
+    spec = CampaignSpec(
+        name="x", model=MODEL, targets=(Target(300.0, 0.05, 8.0),), bounds=default_bounds(MODEL), seed=3
+    )
     (tmp_path / SPEC_FILE).write_text(spec.to_toml(), encoding="utf-8")
     assert load_spec(tmp_path) == spec
 

@@ -1,7 +1,8 @@
 """The ``supraopt`` command line: parse, call the Python API, print. Nothing clever lives here.
 
 One module per group of verbs, all registering on the one typer ``app`` of :mod:`supraopt.cli._common`:
-:mod:`~supraopt.cli.campaign` (init, suggest, record, status, export), :mod:`~supraopt.cli.loop` (run,
+:mod:`~supraopt.cli.campaign` (init, suggest, record, status, export), :mod:`~supraopt.cli.targets`
+(target add, recipe), :mod:`~supraopt.cli.loop` (run,
 demo), :mod:`~supraopt.cli.rig` (rig serve), :mod:`~supraopt.cli.fit` (fit, plot) and
 :mod:`~supraopt.cli.benchmark`. Heavy imports (torch, pandas, matplotlib) happen inside the verbs.
 
@@ -9,7 +10,7 @@ Every user error prints one line ``error: ...`` naming the bad value and exits w
 """
 
 # ruff: noqa: I001 - the order of these imports is the order of the verbs in --help
-from supraopt.cli import campaign, loop, rig, fit, benchmark  # noqa: F401 - each registers its verbs
+from supraopt.cli import campaign, targets, loop, rig, fit, benchmark  # noqa: F401 - each registers its verbs
 from supraopt.cli._common import app, main
 
 __all__ = ["app", "main"]

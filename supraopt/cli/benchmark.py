@@ -32,9 +32,10 @@ def benchmark(
     scenario: Annotated[
         str,
         typer.Option(
-            help="stationary (experiments to the first hit), chip-swap or batch-swap (after the first hit the "
-            "droplet prefactor or the packing moves by 10-20 %: experiments to hit again, told through "
-            "context or not)."
+            help="stationary (experiments to the first hit; the default), chip-swap or batch-swap (after the "
+            "first hit the droplet prefactor or the packing moves by 10-20 %: experiments to hit again, told "
+            "through context or not), ladder (4 sizes in one campaign), confirm (confirm = 2: experiments to a "
+            "confirmed recipe), unreachable (a spec the world cannot make: when supraopt stops)."
         ),
     ] = "stationary",
 ) -> None:
@@ -43,9 +44,13 @@ def benchmark(
 
     from supraopt import benchmark as bench
 
+    if scenario in bench.TARGET_SCENARIOS:
+        run_scenario(scenario, worlds, budget, seed, spread, model, workers, out)
+        return
     with user_errors():
         if scenario not in bench.SCENARIOS:
-            raise InputError(f"unknown scenario {scenario!r}: choose from {', '.join(bench.SCENARIOS)}.")
+            known = ", ".join([*bench.SCENARIOS, *bench.TARGET_SCENARIOS])
+            raise InputError(f"unknown scenario {scenario!r}: choose from {known}.")
         if bench.SCENARIOS[scenario] is not None:
             swap_benchmark(scenario, quick, worlds, targets, budget, strategy, spread, model, seed, workers, out)
             return
@@ -137,3 +142,32 @@ def swap_benchmark(
         table.add_row(*[f"{v:.2f}" if isinstance(v, float) else str(v) for v in row])
     console.print(table)
     console.print(f"Wrote {out}/{scenario}-campaigns.csv and {scenario}-summary.csv.")
+
+
+def run_scenario(
+    scenario: str, worlds: int, budget: int, seed: int, spread: float, model: str, workers: int, out: Path
+) -> None:
+    """``--scenario ladder|confirm|unreachable``: one of :data:`supraopt.benchmark.TARGET_SCENARIOS`, supraopt only."""
+    from rich.progress import Progress
+
+    from supraopt import benchmark as bench
+
+    with user_errors():
+        if scenario not in bench.TARGET_SCENARIOS:
+            raise InputError(f"unknown scenario {scenario!r}: choose from {', '.join(bench.TARGET_SCENARIOS)}.")
+        tasks = bench.make_scenario_tasks(scenario, worlds, budget, seed, spread, 0.03, 6.0, model)
+        out.mkdir(parents=True, exist_ok=True)
+        with Progress(console=console) as progress:
+            bar = progress.add_task(f"{len(tasks)} campaigns", total=len(tasks))
+            results = bench.run_scenario_tasks(tasks, workers, lambda _: progress.advance(bar))
+        bench.pd.DataFrame(results).to_csv(out / f"scenario-{scenario}.csv", index=False)
+        summary = bench.summarise_scenario(scenario, results)
+    table = Table(
+        title=f"Scenario {scenario}: {bench.TARGET_SCENARIOS[scenario]} (budget {budget}; misses count {budget + 1})"
+    )
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in summary.items():
+        table.add_row(name, f"{value:.2f}")
+    console.print(table)
+    console.print(f"Wrote {out}/scenario-{scenario}.csv.")

@@ -58,27 +58,46 @@ def init(
     model: Annotated[str, typer.Option(help="Physics preset: a name in models/ or a path to a preset .toml.")] = (
         "cspbbr3-flow-focusing"
     ),
-    target_nm: Annotated[float, typer.Option("--target-nm", help="Wanted mean supraparticle diameter, nm.")] = 450.0,
+    target_nm: Annotated[
+        list[float] | None,
+        typer.Option("--target-nm", help="Wanted mean supraparticle diameter, nm; repeat it for several sizes."),
+    ] = None,
     tolerance: Annotated[float, typer.Option(help="Relative size tolerance (0.03 = ±3 %).")] = 0.03,
     pdi_max: Annotated[float, typer.Option("--pdi-max", help="Polydispersity ceiling, % (CV of diameter).")] = 6.0,
+    confirm: Annotated[
+        int, typer.Option(help="Repeats of a hitting recipe before a target counts as confirmed (0: one hit).")
+    ] = 0,
     seed: Annotated[int, typer.Option(help="Seed: the same ledger and seed give the same suggestions.")] = 0,
     rig: Annotated[str, typer.Option(help="Rig adapter: simulated, manual, http or module:Class.")] = ("simulated"),
 ) -> None:
-    """Create a campaign folder with its campaign.toml and an empty ledger."""
+    """Create a campaign folder with its campaign.toml and an empty ledger.
+
+    Several sizes in one campaign: repeat --target-nm (e.g. --target-nm 350 --target-nm 450); one
+    model serves them all. Per-target tolerances and repeats go in campaign.toml as [[targets]].
+    """
     from supraopt.campaign import Campaign
     from supraopt.paths import check_new_folder
-    from supraopt.spec import RigSettings
+    from supraopt.spec import RigSettings, check_targets
 
     with user_errors():
         folder = check_new_folder(directory, "campaign folder")
         campaign = Campaign.create(
-            folder, model, target_nm, tolerance=tolerance, pdi_max_pct=pdi_max, seed=seed, rig=RigSettings(rig)
+            folder,
+            model,
+            target_nm or [450.0],
+            tolerance=tolerance,
+            pdi_max_pct=pdi_max,
+            confirm=confirm,
+            seed=seed,
+            rig=RigSettings(rig),
         )
         campaign.close()
-    t = campaign.spec.target
+    for warning in check_targets(campaign.spec.targets):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    labels = "; ".join(t.label() for t in campaign.spec.targets)
+    word = "target" if len(campaign.spec.targets) == 1 else "targets"
     console.print(
-        f"Created campaign [bold]{directory}[/] ({model}): target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, "
-        f"PDI ≤ {t.pdi_max_pct:g} %. Next: supraopt suggest {directory}"
+        f"Created campaign [bold]{directory}[/] ({model}): {word} {labels}. Next: supraopt suggest {directory}"
     )
 
 
@@ -101,19 +120,25 @@ def suggest(
 
             threads_for(len(campaign.ledger.experiments()))
             suggestions = campaign.suggest(n, context=given)
-            target = campaign.spec.target
+            targets = campaign.spec.targets
+            assessment = campaign.last_assessment
+    warnings = assessment.messages() if assessment is not None else []
+    for line in warnings:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
     table = compact_table(
-        ["id", *SETTING_HEADERS, "pred. d", "pred. PDI", "P(feas.)", "P(hit)"],
-        f"Next experiment(s) for {target.diameter_nm:g} nm ± {target.tolerance:.0%}, PDI ≤ {target.pdi_max_pct:g} %",
+        ["id", *SETTING_HEADERS, "aims at", "pred. d", "pred. PDI", "P(feas.)", "P(hit)"],
+        "Next experiment(s) for " + "; ".join(t.label() for t in targets),
     )
     for s in suggestions:
         p = s.prediction
+        aim = f"{p.get('target_nm', targets[0].diameter_nm):g} nm" + (" (repeat)" if p.get("repeat") else "")
         table.add_row(
             s.experiment_id,
             *settings_text(s.settings),
+            aim,
             f"{p['diameter_nm']:.0f} ± {p['diameter_sd_nm']:.0f}",
             f"{p['pdi_pct']:.1f} ± {p['pdi_sd_pct']:.1f}",
             f"{p['p_feasible']:.2f}",
@@ -214,8 +239,13 @@ def record(
         result = result_from_options(diameter_nm, pdi, n_particles, droplet_um, failed)
         with open_campaign(directory) as campaign:
             campaign.record(experiment_id, result, note=note, correct=correct, context=stated)
-            hit = isinstance(result, Measurement) and campaign.spec.target.is_hit(result.diameter_nm, result.pdi_pct)
-    verdict = " — target hit!" if hit else ""
+            hits = [
+                t.label()
+                for t in campaign.spec.targets
+                if isinstance(result, Measurement) and t.is_hit(result.diameter_nm, result.pdi_pct)
+            ]
+    verdict = f" — target hit! ({'; '.join(hits)})" if len(campaign.spec.targets) > 1 and hits else ""
+    verdict = verdict or (" — target hit!" if hits else "")
     console.print(f"Recorded {experiment_id}{verdict}")
 
 
@@ -276,15 +306,18 @@ def status(
         print(json.dumps(state.to_json(), indent=2, default=str))
         return
     t = state.target
+    targets = [s.target for s in state.targets] or [t]
+    title = "; ".join(x.label() for x in targets)
     with_context = any(e.context for e in state.experiments)
     table = compact_table(
         ["id", "status", *SETTING_HEADERS, "pred. d", "d", "PDI", "hit"] + (["context"] if with_context else []),
-        f"{directory}: target {t.diameter_nm:g} nm ± {t.tolerance:.0%}, PDI ≤ {t.pdi_max_pct:g} %",
+        f"{directory}: {'target' if len(targets) == 1 else 'targets'} {title}",
     )
     for e in state.experiments:
         m = e.measurement
         measured = fmt(m.diameter_nm, 0) if m else (e.failure.reason if e.failure else "")
-        hit = "✔" if m and t.is_hit(m.diameter_nm, m.pdi_pct) else ""
+        hit_sizes = [f"{x.diameter_nm:g}" for x in targets if m and x.is_hit(m.diameter_nm, m.pdi_pct)]
+        hit = ("✔" if len(targets) == 1 else "✔ " + ", ".join(hit_sizes)) if hit_sizes else ""
         table.add_row(
             e.id,
             str(e.status),
@@ -302,7 +335,16 @@ def status(
     )
     counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts.items())) or "no experiments yet"
     console.print(f"Experiments: {counts}.")
-    if state.best is not None and state.best.measurement is not None:
+    if len(state.targets) > 1 or (state.targets and state.targets[0].target.confirm):
+        for ts in state.targets:
+            best = ts.best.measurement if ts.best is not None else None
+            where = (
+                f"best {ts.best.id} at {best.diameter_nm:.0f} nm, PDI {best.pdi_pct:.1f} %"
+                if best and ts.best
+                else "no run yet"
+            )
+            console.print(f"{ts.target.label()}: {ts.verdict} ({where}).", highlight=False)
+    elif state.best is not None and state.best.measurement is not None:
         b = state.best.measurement
         word = "Target hit" if state.hit else "Best so far (target not hit yet)"
         console.print(f"{word}: {state.best.id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %.")

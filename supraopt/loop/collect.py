@@ -96,7 +96,7 @@ def record(r: Runner, flight: Flight, result: Measurement | Failure, message: st
     r.empty_in_a_row = 0
     r.refresh()
     if isinstance(result, Measurement):
-        hit = r.target.is_hit(result.diameter_nm, result.pdi_pct)
+        hit = any(t.is_hit(result.diameter_nm, result.pdi_pct) for t in r.campaign.spec.targets)
         r.emit(Event("measured", flight.id, result=result, hit=hit, best=r.best, message=message))
     else:
         r.emit(Event("failed", flight.id, result=result, best=r.best, message=message))

@@ -24,6 +24,8 @@ class StopReason(StrEnum):
     """Too many rig errors (or experiments without a result) in a row."""
     ADAPTER_ERROR = "adapter error"
     """The adapter's code raised something no rig fault raises (a bug): stopped at once, runs kept in flight."""
+    OUT_OF_REACH = "out of reach"
+    """The data say no setting inside the envelope makes the remaining target(s)."""
 
 
 EXIT_CODES = {
@@ -32,6 +34,7 @@ EXIT_CODES = {
     StopReason.INTERRUPTED: 130,
     StopReason.RIG_ERROR: 2,
     StopReason.ADAPTER_ERROR: 2,
+    StopReason.OUT_OF_REACH: 3,
 }
 
 

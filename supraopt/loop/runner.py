@@ -130,17 +130,34 @@ def drive(r: Runner) -> RunSummary:
 
 
 def step(r: Runner) -> None:
+    if r.campaign.reload_targets():
+        r.emit(Event("warning", message=f"targets now: {'; '.join(t.label() for t in r.campaign.spec.targets)}."))
     r.refresh()
     if collect_ready(r):  # results the rig already has count before anything new is suggested
         r.refresh()
     s = r.settings
     stopping = s.stop_on_hit and r.hit
-    if not stopping:
-        room = min(s.batch - len(r.flights), s.budget - r.finished - len(r.flights))
-        if room > 0:
-            fill(r, room)
+    room = min(s.batch - len(r.flights), s.budget - r.finished - len(r.flights))
+    out_of_reach: list[str] = []
+    if not stopping and room > 0:
+        # the model's view (shares its fit with the suggestion below): confirmed by the posterior,
+        # or every target left out of reach
+        assessment = r.campaign.assess()
+        stopping = s.stop_on_hit and assessment.all_done
+        if not assessment.all_done and not assessment.open():
+            out_of_reach = assessment.messages()
+    if not stopping and room > 0 and not out_of_reach:
+        fill(r, room)
     if not r.flights:
+        if out_of_reach:
+            raise Stop(StopReason.OUT_OF_REACH, " ".join(out_of_reach) + f" Stopped after {r.finished} experiment(s).")
         if stopping:
+            targets = r.campaign.spec.targets
+            best = r.best
+            assert best is not None
+            if len(targets) > 1 or targets[0].confirm:
+                word = "confirmed" if any(t.confirm for t in targets) else "hit"
+                raise Stop(StopReason.HIT, f"all {len(targets)} target(s) {word} after {r.finished} experiment(s).")
             first = r.campaign.status().first_hit
             m = first.measurement if first is not None else None
             assert first is not None and m is not None

@@ -141,7 +141,9 @@ class Runner:
             self.emit(Event(str(current.status), current.id, message=f"by someone else: {current.note}"))
             return
         self.empty_in_a_row = 0
-        hit = isinstance(result, Measurement) and self.target.is_hit(result.diameter_nm, result.pdi_pct)
+        hit = isinstance(result, Measurement) and any(
+            t.is_hit(result.diameter_nm, result.pdi_pct) for t in self.campaign.spec.targets
+        )
         kind = "measured" if isinstance(result, Measurement) else "failed"
         self.emit(Event(kind, current.id, result=result, hit=hit, best=self.best, message="(recorded by hand)"))
 
