@@ -140,13 +140,13 @@ def test_the_form_records_a_result_and_refuses_bad_values_without_writing(client
     for pdi, (field, message) in cases.items():
         form = {"csrf": csrf, "outcome": "measured", "diameter_nm": "440", "pdi": pdi, "n_particles": "120"}
         reply = client.post(f"/c/fresh/record/{target}", data=form)
-        assert reply.status_code == 422, pdi
+        assert reply.status_code == 200, pdi  # the page again, the error by the field
         error = re.search(rf'<span class="error" data-field="{field}">([^<]*)</span>', reply.text)
         assert error and message in error.group(1).replace("&#39;", "'"), (pdi, reply.text[-3000:])
         assert f'value="{pdi}"' in reply.text  # what was typed stays in the field
         assert client.get("/api/versions").json()["fresh"] == version  # nothing written
     reply = client.post(f"/c/fresh/record/{target}", data={"csrf": csrf, "outcome": "failed", "reason": "  "})
-    assert reply.status_code == 422 and 'data-field="reason"' in reply.text
+    assert reply.status_code == 200 and 'data-field="reason"' in reply.text
     reply = client.post(
         f"/c/fresh/record/{target}",
         data={"csrf": csrf, "outcome": "measured", "diameter_nm": "440", "pdi": "5.5", "n_particles": "120"},
@@ -158,7 +158,7 @@ def test_the_form_records_a_result_and_refuses_bad_values_without_writing(client
     finally:
         ledger.close()
     again = client.post(f"/c/fresh/record/{target}", data={"csrf": csrf, "outcome": "failed", "reason": "hollow"})
-    assert again.status_code == 422 and "already has a result" in again.text
+    assert again.status_code == 200 and "already has a result" in again.text
     second = open_ids(fresh)[0]
     failed = client.post(f"/c/fresh/record/{second}", data={"csrf": csrf, "outcome": "failed", "reason": "hollow"})
     assert failed.status_code == 303
@@ -214,7 +214,7 @@ def test_errors_and_logs_do_not_show_paths_outside_the_campaign(client: httpx.Cl
     page = client.get("/c/fresh").text
     csrf = csrf_of(page)
     unknown = client.post("/c/fresh/record/E999", data={"csrf": csrf, "outcome": "failed", "reason": "x"})
-    assert unknown.status_code == 422 and "no experiment &#39;E999&#39;" in unknown.text
+    assert unknown.status_code == 200 and "no experiment &#39;E999&#39;" in unknown.text
     for text in (client.get("/c/fresh").text, unknown.text):
         assert str(fresh.resolve()) not in text and str(Path.home()) + "/" not in text
     assert "ledger.sqlite" in client.get("/c/fresh").text

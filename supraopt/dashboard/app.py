@@ -221,7 +221,7 @@ SECURITY_HEADERS = {
     ),
     "x-content-type-options": "nosniff",
     "x-frame-options": "DENY",
-    "referrer-policy": "no-referrer",
+    "referrer-policy": "same-origin",  # not no-referrer: Chromium then sends "Origin: null" with forms
     "cache-control": "no-store",
 }
 
@@ -409,7 +409,7 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
                 errors = {"form": scrub(str(error), w.directory)}
         if errors:
             context = campaign_context(w, {experiment_id: errors}, {experiment_id: form})
-            return render("campaign.html", status=422, **context)
+            return render("campaign.html", **context)  # 200: a browser logs a 4xx page as a console error
         return RedirectResponse(f"/c/{slug}#experiments", status_code=303)
 
     @app.post("/c/{slug}/suggest")
@@ -425,7 +425,6 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         except SupraoptError as error:
             return render(
                 "campaign.html",
-                status=422,
                 **campaign_context(w, {"suggest": {"form": scrub(str(error), w.directory)}}),
             )
         return RedirectResponse(f"/c/{slug}#record", status_code=303)

@@ -147,11 +147,11 @@ def model_maps(campaign: Campaign, rows: list[Row], temperature_c: float) -> dic
         }
     done = [r for r in rows if r.experiment.status is Status.DONE and r.experiment.measurement]
     failed = [r for r in rows if r.experiment.status is Status.FAILED]
-    titles = {
+    titles = {  # plotly.js knows only a few scale names (no RdYlGn, no Magma): explicit stops
         "diameter": ("predicted SP diameter (nm)", "Viridis", None),
-        "pdi": ("predicted PDI, CV (%)", "Magma", None),
-        "feasible": ("P(run gives usable SPs)", "RdYlGn", (0.0, 1.0)),
-        "hit": ("P(hit)", "Blues", None),
+        "pdi": ("predicted PDI, CV (%)", [[0, "#fcfdbf"], [0.5, "#de4968"], [1, "#3b0f70"]], None),
+        "feasible": ("P(run gives usable SPs)", [[0, "#d73027"], [0.5, "#fee08b"], [1, "#1a9850"]], (0.0, 1.0)),
+        "hit": ("P(hit)", [[0, "#f7fbff"], [0.4, "#6baed6"], [1, "#08306b"]], None),
     }
     figures = {}
     for key, values in grids.items():
@@ -159,7 +159,7 @@ def model_maps(campaign: Campaign, rows: list[Row], temperature_c: float) -> dic
         flat = [float(v) for v in values.tolist()]
         heat: dict[str, Any] = {
             "type": "heatmap", "x": cs, "y": rs, "z": [flat[i * MAP_GRID : (i + 1) * MAP_GRID] for i in range(MAP_GRID)],
-            "colorscale": scale, "reversescale": key == "pdi", "colorbar": {"thickness": 12},
+            "colorscale": scale, "colorbar": {"thickness": 12},
             "hovertemplate": "c %{x:.3g} mg/mL, Q_c/Q_d %{y:.3g}: %{z:.3g}<extra></extra>", "name": title,
         }  # fmt: skip
         if zrange:
