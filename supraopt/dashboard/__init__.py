@@ -13,8 +13,10 @@ removes them.
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,8 +96,8 @@ def serve(
         token, source = load_token(directory)
     board = Board(directories)
     try:
-        import supraopt.campaign  # noqa: F401 - load torch now, not on the first click of a form
-
+        # load torch in the background: the pages need none, the first form or map then needs no wait
+        threading.Thread(target=importlib.import_module, args=("supraopt.campaign",), daemon=True).start()
         app = create_app(board, read_only=read_only, token=token)
         where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         names = ", ".join(w.name for w in board.campaigns.values())

@@ -140,17 +140,15 @@ def parse_result(form: dict[str, str]) -> tuple[Measurement | Failure | None, di
         errors["diameter_nm"] = "give the measured diameter in nm."
     if pdi is None and "pdi" not in errors:
         errors["pdi"] = "give the measured PDI in percent."
+    if pdi is not None and 0 <= pdi <= PDI_FRACTION_MAX:
+        # the dashboard's own check, until the core refuses it too (the runner only warns: loop.collect)
+        errors["pdi"] = f"PDI={pdi:g} looks like a fraction: give the polydispersity in percent (5 for 5 %)."
     if errors:
         return None, errors
     try:
-        result = result_from_options(diameter, pdi, n, None, None)
+        return result_from_options(diameter, pdi, n, None, None), errors
     except InputError as error:
         return None, {_field_of(str(error)): str(error)}
-    if isinstance(result, Measurement) and result.pdi_pct <= PDI_FRACTION_MAX:
-        # until the core refuses it too: 'supraopt record' warns nowhere, the runner warns (loop.collect)
-        errors["pdi"] = f"PDI={pdi:g} looks like a fraction: give the polydispersity in percent (5 for 5 %)."
-        return None, errors
-    return result, errors
 
 
 # ------------------------------------------------------------------------------------------ security
