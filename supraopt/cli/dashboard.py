@@ -13,7 +13,8 @@ from supraopt.cli._common import app, console, user_errors
 @app.command()
 def dashboard(
     directories: Annotated[
-        list[Path], typer.Argument(help="Campaign folder(s) to show (each holds campaign.toml and the ledger).")
+        list[Path],
+        typer.Argument(metavar="DIR...", help="Campaign folder(s) to show (each holds campaign.toml and the ledger)."),
     ],
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8050,
     host: Annotated[

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import os
 import secrets
+import socket
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -96,9 +97,11 @@ def serve(
         token, source = load_token(directory)
     board = Board(directories)
     try:
+        sock = _bind(host, port)
         # load torch in the background: the pages need none, the first form or map then needs no wait
         threading.Thread(target=importlib.import_module, args=("supraopt.campaign",), daemon=True).start()
         app = create_app(board, read_only=read_only, token=token)
+        port = sock.getsockname()[1]
         where = f"http://{f'[{host}]' if ':' in host else host}:{port}/"
         names = ", ".join(w.name for w in board.campaigns.values())
         mode = " (read-only)" if read_only else ""
@@ -113,9 +116,23 @@ def serve(
                 f"warning: listening on {host}, not only on this machine: anyone who can reach port {port} can try "
                 "the token, and plain HTTP carries it unencrypted; use a firewall, or a TLS proxy in front."
             )
-        uvicorn.run(app, host=host, port=port, ws="none", log_level="warning")
+        server = uvicorn.Server(uvicorn.Config(app, ws="none", log_level="warning"))
+        server.run(sockets=[sock])
     finally:
         board.close()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a one-line error (port taken, unknown address)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise InputError(f"cannot listen on {host}:{port} ({reason}); pick another --port or --host.") from None
+    return sock
 
 
 __all__ = ["DEFAULT_PORT", "TOKEN_ENV", "default_state_dir", "load_token", "serve"]
