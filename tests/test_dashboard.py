@@ -251,10 +251,12 @@ def test_maps_and_preview_are_computed_on_demand_and_cached(
     assert client.get("/c/fresh/maps.json", params={"t": 35}).json() == maps
     assert calls == [35.0]  # the second request was served from the cache
     version = client.get("/api/versions").json()["fresh"]
-    preview = client.get("/c/fresh/preview.json").json()
-    [suggestion] = preview["suggestions"]
-    assert set(suggestion["settings"]) == {"concentration_mg_ml", "flow_ratio", "temperature_c"}
-    assert 0 <= suggestion["prediction"]["p_hit"] <= 1
+    preview = client.get("/c/fresh/preview.json", params={"n": 2}).json()
+    first, second = preview["suggestions"]
+    for suggestion in (first, second):
+        assert set(suggestion["settings"]) == {"concentration_mg_ml", "flow_ratio", "temperature_c"}
+        assert 0 <= suggestion["prediction"]["p_hit"] <= 1
+    assert first["settings"] != second["settings"]  # a batch spreads out
     assert client.get("/api/versions").json()["fresh"] == version  # a preview records nothing
 
 

@@ -5,8 +5,8 @@ Routes (all GET unless said):
 * ``/`` every campaign at a glance; ``/live`` its table as HTML, for the page's poller.
 * ``/c/{slug}`` one campaign: summary, plots, experiments, forms, run.log; ``/c/{slug}/live`` the same
   parts as JSON (HTML fragments and figures) when the ledger version changed.
-* ``/c/{slug}/maps.json?t=40`` model maps at a temperature, ``/c/{slug}/preview.json`` the next
-  suggestion (both refit the model: on demand only, cached per ledger version).
+* ``/c/{slug}/maps.json?t=40`` model maps at a temperature, ``/c/{slug}/preview.json?n=2`` the next
+  suggestion(s) (both refit the model: on demand only, cached per ledger version).
 * POST ``/c/{slug}/record/{id}`` and POST ``/c/{slug}/suggest``: the manual rig's forms (off with
   ``read_only``); CSRF token and Origin checked; nothing is written on a refusal.
 * ``/api/versions`` ledger version per campaign: the pages poll it every second.
@@ -50,6 +50,8 @@ FIELDS = ("diameter_nm", "pdi", "n_particles", "reason")
 PDI_FRACTION_MAX = 1.0
 """A PDI at or under this is refused as a fraction sent where percent was meant (0.05 for 5 %)."""
 CACHE_SIZE = 16
+MAX_PREVIEW = 8
+"""Most suggestions one preview computes (a batch for a day on the rig)."""
 
 
 def plotly_js() -> Path:
@@ -368,15 +370,16 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         )
 
     @app.get("/c/{slug}/preview.json")
-    def preview(slug: str) -> JSONResponse:
+    def preview(slug: str, n: int = 1) -> JSONResponse:
         w = watched_or_404(slug)
         model = models[slug]
         version = w.version()
+        n = min(max(n, 1), MAX_PREVIEW)
 
         def compute() -> Any:
-            return figures.preview(model.campaign(), rows_of(w, w.ledger.experiments()))
+            return figures.preview(model.campaign(), rows_of(w, w.ledger.experiments()), n)
 
-        return JSONResponse({"version": version, "suggestions": model.cached(("preview", version), compute)})
+        return JSONResponse({"version": version, "suggestions": model.cached(("preview", version, n), compute)})
 
     async def checked_form(request: Request) -> dict[str, str] | Response:
         """The posted form, or the refusal: read-only, cross-site, bad CSRF token, too big."""
@@ -385,6 +388,9 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         origin = request.headers.get("origin")
         if origin is not None and origin != f"{request.url.scheme}://{request.headers.get('host', '')}":
             return _plain(403, "refused: the form was sent from another site.")
+        declared = request.headers.get("content-length", "0")
+        if not declared.isdigit() or int(declared) > MAX_FORM_BYTES:
+            return _plain(413, "refused: the form is too large.")
         body = await request.body()
         if len(body) > MAX_FORM_BYTES:
             return _plain(413, "refused: the form is too large.")

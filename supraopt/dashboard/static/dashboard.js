@@ -126,7 +126,8 @@
     button.disabled = true;
     say(box, "Computing the next suggestion…", false);
     try {
-      const r = await fetch("/c/" + encodeURIComponent(slug) + "/preview.json", { cache: "no-store" });
+      const n = document.getElementById("preview-n").value || "1";
+      const r = await fetch("/c/" + encodeURIComponent(slug) + "/preview.json?n=" + encodeURIComponent(n), { cache: "no-store" });
       if (!r.ok) throw new Error(await r.text());
       const d = await r.json();
       box.textContent = "";
