@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from supraopt.dashboard import TOKEN_ENV, load_token
 from supraopt.dashboard.app import create_app
 from supraopt.dashboard.bench import synthetic_campaign
 from supraopt.dashboard.data import Board
+from supraopt.errors import InputError, LedgerError
 from supraopt.ledger import Ledger, Status
 from supraopt.records import Measurement
 
@@ -66,25 +68,63 @@ def open_ids(directory: Path) -> list[str]:
         ledger.close()
 
 
-def test_version_changes_with_every_write_and_only_then(tmp_path: Path) -> None:
-    ledger = ledger_of(synthetic_campaign(tmp_path / "v", 0, open_runs=2, log=False))
-    try:
-        first = ledger.version()
-        assert ledger.version() == first
-        [a, b] = [e.id for e in ledger.experiments()]
-        ledger.mark_dispatched(a)
-        second = ledger.version()
-        assert second != first
-        ledger.record_measurement(a, Measurement(440.0, 5.0))
-        third = ledger.version()
-        assert third not in (first, second)
-        with pytest.raises(Exception, match="already has a result"):
-            ledger.record_measurement(a, Measurement(440.0, 5.0))
-        assert ledger.version() == third  # a refused write changes nothing
-        ledger.abandon(b, "lost")
-        assert ledger.version() != third
-    finally:
+POSTGRES_URL = os.environ.get("SUPRAOPT_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(POSTGRES_URL is None, reason="set SUPRAOPT_TEST_POSTGRES_URL to run on PostgreSQL"),
+            ],
+        ),
+    ]
+)
+def empty_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """An empty ledger: a SQLite file, or a throwaway schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+        yield ledger
         ledger.close()
+        return
+    import sqlalchemy as sa
+
+    assert POSTGRES_URL is not None
+    schema = f"supraopt_dash_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    ledger = Ledger(url.render_as_string(hide_password=False))
+    yield ledger
+    ledger.close()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+def test_version_changes_with_every_write_and_only_then(empty_ledger: Ledger) -> None:
+    ledger = empty_ledger
+    settings = {"concentration_mg_ml": 3.0, "flow_ratio": 4.0, "temperature_c": 40.0}
+    assert ledger.version() == "0.0"
+    ledger.add_pending([(settings, {}), (settings, {})])
+    first = ledger.version()
+    assert ledger.version() == first
+    [a, b] = [e.id for e in ledger.experiments()]
+    ledger.mark_dispatched(a)
+    second = ledger.version()
+    assert second != first
+    ledger.record_measurement(a, Measurement(440.0, 5.0))
+    third = ledger.version()
+    assert third not in (first, second)
+    with pytest.raises(LedgerError, match="already has a result"):
+        ledger.record_measurement(a, Measurement(440.0, 5.0))
+    assert ledger.version() == third  # a refused write changes nothing
+    ledger.abandon(b, "lost")
+    assert ledger.version() != third
 
 
 def test_overview_links_to_a_page_with_every_id_and_measured_diameter(client: httpx.Client, fresh: Path) -> None:
@@ -277,7 +317,7 @@ def test_token_file_is_generated_once_with_mode_0600(tmp_path: Path, monkeypatch
     assert (tmp_path / "state" / "token").stat().st_mode & 0o777 == 0o600
     assert load_token(tmp_path / "state") == (token, "file")
     monkeypatch.setenv(TOKEN_ENV, "short")
-    with pytest.raises(Exception, match="too short"):
+    with pytest.raises(InputError, match="too short"):
         load_token(tmp_path / "state")
 
 
