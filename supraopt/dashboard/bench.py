@@ -104,8 +104,9 @@ def serving(app: Any) -> Iterator[str]:
         sock.close()
 
 
-def time_pages(directory: Path, repeats: int = 5) -> dict[str, float]:
-    """Median seconds per page (after one warm-up request each): request to last byte over loopback HTTP."""
+def time_pages(directory: Path, repeats: int = 5) -> dict[str, tuple[float, int]]:
+    """Median seconds and size in bytes per page (after one warm-up request each): request to last byte
+    over loopback HTTP."""
     import httpx
 
     from supraopt.dashboard.app import create_app
@@ -119,13 +120,13 @@ def time_pages(directory: Path, repeats: int = 5) -> dict[str, float]:
     try:
         with serving(create_app(board)) as url, httpx.Client(base_url=url) as client:
             for label, path in paths.items():
-                client.get(path).raise_for_status()
+                size = len(client.get(path).raise_for_status().content)
                 times = []
                 for _ in range(repeats):
                     start = time.perf_counter()
                     client.get(path).raise_for_status()
                     times.append(time.perf_counter() - start)
-                out[label] = statistics.median(times)
+                out[label] = (statistics.median(times), size)
     finally:
         board.close()
     return out
@@ -140,8 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         directory = synthetic_campaign(Path(tmp) / f"synthetic-{args.runs}", args.runs)
         print(f"built a campaign of {args.runs} finished + 2 open runs in {time.perf_counter() - start:.1f} s")
-        for label, seconds in time_pages(directory, args.repeats).items():
-            print(f"{label:>15}: {seconds * 1000:7.1f} ms (median of {args.repeats})")
+        for label, (seconds, size) in time_pages(directory, args.repeats).items():
+            print(f"{label:>15}: {seconds * 1000:7.1f} ms (median of {args.repeats}), {size / 1000:.0f} kB")
 
 
 if __name__ == "__main__":
