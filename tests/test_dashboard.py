@@ -290,6 +290,10 @@ def test_maps_and_preview_are_computed_on_demand_and_cached(
     assert min(diameters) > 0 and max(diameters) > 2 * min(diameters)
     assert client.get("/c/fresh/maps.json", params={"t": 35}).json() == maps
     assert calls == [35.0]  # the second request was served from the cache
+    with (fresh / "run.log").open("a", encoding="utf-8") as log:
+        log.write("2026-01-01T00:00:00+00:00 -- a line of the runner changes the page, not the model\n")
+    assert client.get("/c/fresh/maps.json", params={"t": 35}).json() == maps
+    assert calls == [35.0]
     version = client.get("/api/versions").json()["fresh"]
     preview = client.get("/c/fresh/preview.json", params={"n": 2}).json()
     first, second = preview["suggestions"]

@@ -355,7 +355,7 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         temperature = 0.5 * (low + high) if t is None or not math.isfinite(t) else min(max(t, low), high)
         temperature = round(temperature, 1)
         model = models[slug]
-        version = w.version()
+        version = w.ledger.version()  # the model depends on the ledger only, not on run.log
 
         def compute() -> Any:
             rows = rows_of(w, w.ledger.experiments())
@@ -373,7 +373,7 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
     def preview(slug: str, n: int = 1) -> JSONResponse:
         w = watched_or_404(slug)
         model = models[slug]
-        version = w.version()
+        version = w.ledger.version()  # the model depends on the ledger only, not on run.log
         n = min(max(n, 1), MAX_PREVIEW)
 
         def compute() -> Any:

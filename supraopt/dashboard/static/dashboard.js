@@ -100,7 +100,7 @@
       const d = await r.json();
       box.hidden = false;
       for (const key of ["diameter", "pdi", "feasible", "hit"]) draw("map-" + key, d.figures[key]);
-      button.textContent = "Maps at " + d.temperature_c + " °C (model of ledger version " + d.version.split("-")[0] + ")";
+      button.textContent = "Maps at " + d.temperature_c + " °C (model of ledger version " + d.version + ")";
     } catch (error) {
       button.textContent = "Show model maps";
       const target = status || document.getElementById("preview");
