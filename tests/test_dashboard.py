@@ -195,6 +195,7 @@ def test_the_form_records_a_result_and_refuses_bad_values_without_writing(client
     ledger = ledger_of(fresh)
     try:
         assert ledger.get(target).measurement == Measurement(440.0, 5.5, n_particles=120)
+        assert ledger.get(target).note == "recorded in the dashboard"
     finally:
         ledger.close()
     again = client.post(f"/c/fresh/record/{target}", data={"csrf": csrf, "outcome": "failed", "reason": "hollow"})

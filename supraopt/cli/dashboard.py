@@ -14,7 +14,7 @@ from supraopt.cli._common import app, console, user_errors
 def dashboard(
     directories: Annotated[
         list[Path],
-        typer.Argument(metavar="DIR...", help="Campaign folder(s) to show (each holds campaign.toml and the ledger)."),
+        typer.Argument(metavar="DIR", help="Campaign folder(s) to show (each holds campaign.toml and the ledger)."),
     ],
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8050,
     host: Annotated[

@@ -46,11 +46,12 @@ HERE = Path(__file__).resolve().parent
 COOKIE = "supraopt_dashboard"
 MAX_FORM_BYTES = 16_000
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "[::1]"})
-FIELDS = ("diameter_nm", "pdi", "n_particles", "reason")
 PDI_FRACTION_MAX = 1.0
 """A PDI at or under this is refused as a fraction sent where percent was meant (0.05 for 5 %)."""
 CACHE_SIZE = 16
 MAX_PREVIEW = 8
+NOTE = "recorded in the dashboard"
+"""Stored with a result typed into the dashboard, so the ledger tells it from 'supraopt record'."""
 """Most suggestions one preview computes (a batch for a day on the rig)."""
 
 
@@ -132,7 +133,9 @@ def parse_result(form: dict[str, str]) -> tuple[Measurement | Failure | None, di
             errors["reason"] = "say why the run failed, e.g. 'hollow particles'."
             return None, errors
         try:
-            return result_from_options(None, None, None, None, reason), errors
+            return result_from_options(
+                diameter_nm=None, pdi=None, n_particles=None, droplet_um=None, failed=reason
+            ), errors
         except InputError as error:
             return None, {_field_of(str(error)): str(error)}
     diameter = _number(form, "diameter_nm", "diameter", errors)
@@ -148,7 +151,7 @@ def parse_result(form: dict[str, str]) -> tuple[Measurement | Failure | None, di
     if errors:
         return None, errors
     try:
-        return result_from_options(diameter, pdi, n, None, None), errors
+        return result_from_options(diameter_nm=diameter, pdi=pdi, n_particles=n, droplet_um=None, failed=None), errors
     except InputError as error:
         return None, {_field_of(str(error)): str(error)}
 
@@ -296,6 +299,12 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         figs = {"convergence": figures.convergence(view.rows, w.spec.target)}
         figs["parity"] = figures.parity(view.rows, w.spec.target)
         low, high = w.spec.bounds["temperature_c"]
+        measured = sorted(
+            r.experiment.settings["temperature_c"]
+            for r in view.rows
+            if r.distance is not None and "temperature_c" in r.experiment.settings
+        )
+        start = measured[len(measured) // 2] if measured else 0.5 * (low + high)  # where the runs are, as `plot`
         return {
             "page": view,
             "s": view.summary,
@@ -311,7 +320,7 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
             "values": values or {},
             "t_low": low,
             "t_high": high,
-            "t_mid": round(0.5 * (low + high), 1),
+            "t_mid": round(min(max(start, low), high) * 2) / 2,
         }
 
     @app.exception_handler(SupraoptError)
@@ -331,8 +340,9 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
 
     @app.get("/live")
     def overview_live() -> JSONResponse:
-        html = env.get_template("_overview_table.html").render(**common, summaries=summaries())
-        return JSONResponse({"versions": board.versions(), "html": {"overview": html}})
+        listed = summaries()
+        html = env.get_template("_overview_table.html").render(**common, summaries=listed)
+        return JSONResponse({"versions": {s.slug: s.version for s in listed}, "html": {"overview": html}})
 
     @app.get("/api/versions")
     def versions() -> JSONResponse:
@@ -408,7 +418,8 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         result, errors = parse_result(form)
         if result is not None:
             try:
-                models[slug].campaign().record(experiment_id, result, note=form.get("note", "").strip())
+                note = form.get("note", "").strip() or NOTE
+                models[slug].campaign().record(experiment_id, result, note=note)
             except SupraoptError as error:
                 errors = {"form": scrub(str(error), w.directory)}
         if errors:
@@ -460,4 +471,4 @@ class _NotFound(Exception):
         self.slug = slug
 
 
-__all__ = ["FIELDS", "create_app", "parse_result", "plotly_js"]
+__all__ = ["create_app", "parse_result", "plotly_js"]
