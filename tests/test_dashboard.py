@@ -144,7 +144,8 @@ def test_overview_links_to_a_page_with_every_id_and_measured_diameter(client: ht
         row = re.search(rf'<tr id="row-{e.id}".*?</tr>', page, re.S)
         assert row, e.id
         if e.measurement is not None:
-            assert f'<td class="measured">{e.measurement.diameter_nm:.0f}</td>' in row.group(0)
+            d = e.measurement.diameter_nm
+            assert f'<td class="measured" title="{d!r} nm">{d:.0f}</td>' in row.group(0)  # full value on hover
         elif e.failure is not None:
             assert e.failure.reason in row.group(0)
 
@@ -162,7 +163,7 @@ def test_live_parts_follow_a_write_from_another_process(client: httpx.Client, fr
     assert after != before
     live = client.get("/c/fresh/live").json()
     assert live["version"] == after
-    assert '<td class="measured">451</td>' in live["html"]["table"]
+    assert '<td class="measured" title="451.0 nm">451</td>' in live["html"]["table"]
     assert f'id="open-{first}"' not in live["html"]["record"]
     assert live["figures"]["convergence"]["data"][0]["y"]  # distances to the target, one per measured run
 
