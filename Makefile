@@ -22,6 +22,7 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	bash .ci/ensure-chromium   # Debian's chromium for the dashboard's browser tests
 	bash .ci/with-postgres $(BIN)/pytest -q
 
 benchmark: setup

@@ -688,6 +688,14 @@ class Ledger:
             "repair that row with an SQLite tool (e.g. sqlite3), taking the values from its 'events' history."
         )
 
+    def version(self) -> str:
+        """A cheap token that changes with every write (last event seq and event count): poll it to
+        notice another process's suggestion, result or correction without reading the whole ledger."""
+        query = sa.select(sa.func.coalesce(sa.func.max(_events.c.seq), 0), sa.func.count(_events.c.seq))
+        with self._transaction(write=False) as conn:
+            last, count = conn.execute(query).one()
+        return f"{last}.{count}"
+
     def get(self, experiment_id: str) -> Experiment:
         """Return one experiment; raise :class:`LedgerError` if the id is unknown."""
         found = self._query(_experiments.c.id == experiment_id)

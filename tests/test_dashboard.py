@@ -1,0 +1,376 @@
+"""The dashboard without a browser: pages, live parts, forms and their checks, token, CSRF, leaks."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from _servers import serving
+
+from supraopt.dashboard import TOKEN_ENV, load_token
+from supraopt.dashboard.app import create_app
+from supraopt.dashboard.bench import synthetic_campaign
+from supraopt.dashboard.data import Board
+from supraopt.errors import InputError, LedgerError
+from supraopt.ledger import Ledger, Status
+from supraopt.records import Measurement
+
+TOKEN = "a-long-test-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def campaign_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_campaign(tmp_path_factory.mktemp("dash") / "trial-450", 12, open_runs=3, seed=1)
+
+
+@pytest.fixture
+def fresh(tmp_path: Path) -> Path:
+    return synthetic_campaign(tmp_path / "fresh", 6, open_runs=2, seed=2)
+
+
+def ledger_of(directory: Path) -> Ledger:
+    return Ledger(f"sqlite:///{(directory / 'ledger.sqlite').resolve()}")
+
+
+@pytest.fixture
+def board(fresh: Path) -> Iterator[Board]:
+    b = Board([fresh])
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def client(board: Board) -> Iterator[httpx.Client]:
+    with serving(create_app(board)) as url, httpx.Client(base_url=url, timeout=120) as c:
+        yield c
+
+
+def csrf_of(html: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', html)
+    assert found, "no form on the page"
+    return found.group(1)
+
+
+def open_ids(directory: Path) -> list[str]:
+    ledger = ledger_of(directory)
+    try:
+        return [e.id for e in ledger.experiments({Status.PENDING, Status.DISPATCHED, Status.RUNNING})]
+    finally:
+        ledger.close()
+
+
+POSTGRES_URL = os.environ.get("SUPRAOPT_TEST_POSTGRES_URL")
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param(
+            "postgresql",
+            marks=[
+                pytest.mark.postgres,
+                pytest.mark.skipif(POSTGRES_URL is None, reason="set SUPRAOPT_TEST_POSTGRES_URL to run on PostgreSQL"),
+            ],
+        ),
+    ]
+)
+def empty_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
+    """An empty ledger: a SQLite file, or a throwaway schema on the PostgreSQL server."""
+    if request.param == "sqlite":
+        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
+        yield ledger
+        ledger.close()
+        return
+    import sqlalchemy as sa
+
+    assert POSTGRES_URL is not None
+    schema = f"supraopt_dash_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
+    ledger = Ledger(url.render_as_string(hide_password=False))
+    yield ledger
+    ledger.close()
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+def test_version_changes_with_every_write_and_only_then(empty_ledger: Ledger) -> None:
+    ledger = empty_ledger
+    settings = {"concentration_mg_ml": 3.0, "flow_ratio": 4.0, "temperature_c": 40.0}
+    assert ledger.version() == "0.0"
+    ledger.add_pending([(settings, {}), (settings, {})])
+    first = ledger.version()
+    assert ledger.version() == first
+    [a, b] = [e.id for e in ledger.experiments()]
+    ledger.mark_dispatched(a)
+    second = ledger.version()
+    assert second != first
+    ledger.record_measurement(a, Measurement(440.0, 5.0))
+    third = ledger.version()
+    assert third not in (first, second)
+    with pytest.raises(LedgerError, match="already has a result"):
+        ledger.record_measurement(a, Measurement(440.0, 5.0))
+    assert ledger.version() == third  # a refused write changes nothing
+    ledger.abandon(b, "lost")
+    assert ledger.version() != third
+
+
+def test_overview_links_to_a_page_with_every_id_and_measured_diameter(client: httpx.Client, fresh: Path) -> None:
+    overview = client.get("/")
+    assert overview.status_code == 200
+    links = re.findall(r'href="(/c/[^"]+)"', overview.text)
+    assert links == ["/c/fresh"]
+    assert "450 nm" in overview.text and "8 suggested" in overview.text
+    page = client.get(links[0]).text
+    ledger = ledger_of(fresh)
+    try:
+        experiments = ledger.experiments()
+    finally:
+        ledger.close()
+    assert len(experiments) == 8
+    for e in experiments:
+        row = re.search(rf'<tr id="row-{e.id}".*?</tr>', page, re.S)
+        assert row, e.id
+        if e.measurement is not None:
+            d = e.measurement.diameter_nm
+            assert f'<td class="measured" title="{d!r} nm">{d:.0f}</td>' in row.group(0)  # full value on hover
+        elif e.failure is not None:
+            assert e.failure.reason in row.group(0)
+
+
+def test_live_parts_follow_a_write_from_another_process(client: httpx.Client, fresh: Path) -> None:
+    before = client.get("/api/versions").json()["fresh"]
+    assert client.get("/api/versions").json()["fresh"] == before
+    first = open_ids(fresh)[0]
+    ledger = ledger_of(fresh)  # another writer, as 'supraopt record' would be
+    try:
+        ledger.record_measurement(first, Measurement(451.0, 4.2, n_particles=90))
+    finally:
+        ledger.close()
+    after = client.get("/api/versions").json()["fresh"]
+    assert after != before
+    live = client.get("/c/fresh/live").json()
+    assert live["version"] == after
+    assert '<td class="measured" title="451.0 nm">451</td>' in live["html"]["table"]
+    assert f'id="open-{first}"' not in live["html"]["record"]
+    assert live["figures"]["convergence"]["data"][0]["y"]  # distances to the target, one per measured run
+
+
+def test_the_form_records_a_result_and_refuses_bad_values_without_writing(client: httpx.Client, fresh: Path) -> None:
+    page = client.get("/c/fresh").text
+    csrf = csrf_of(page)
+    target = open_ids(fresh)[0]
+    version = client.get("/api/versions").json()["fresh"]
+    cases = {
+        "abc": ("pdi", "PDI='abc' is not a number"),
+        "0.05": ("pdi", "looks like a fraction"),
+        "-3": ("pdi", "pdi_pct=-3.0 is not plausible"),
+    }
+    for pdi, (field, message) in cases.items():
+        form = {"csrf": csrf, "outcome": "measured", "diameter_nm": "440", "pdi": pdi, "n_particles": "120"}
+        reply = client.post(f"/c/fresh/record/{target}", data=form)
+        assert reply.status_code == 200, pdi  # the page again, the error by the field
+        error = re.search(rf'<span class="error" data-field="{field}">([^<]*)</span>', reply.text)
+        assert error and message in error.group(1).replace("&#39;", "'"), (pdi, reply.text[-3000:])
+        assert f'value="{pdi}"' in reply.text  # what was typed stays in the field
+        assert client.get("/api/versions").json()["fresh"] == version  # nothing written
+    reply = client.post(f"/c/fresh/record/{target}", data={"csrf": csrf, "outcome": "failed", "reason": "  "})
+    assert reply.status_code == 200 and 'data-field="reason"' in reply.text
+    reply = client.post(
+        f"/c/fresh/record/{target}",
+        data={"csrf": csrf, "outcome": "measured", "diameter_nm": "440", "pdi": "5.5", "n_particles": "120"},
+    )
+    assert reply.status_code == 303
+    ledger = ledger_of(fresh)
+    try:
+        assert ledger.get(target).measurement == Measurement(440.0, 5.5, n_particles=120)
+        assert ledger.get(target).note == "recorded in the dashboard"
+    finally:
+        ledger.close()
+    again = client.post(f"/c/fresh/record/{target}", data={"csrf": csrf, "outcome": "failed", "reason": "hollow"})
+    assert again.status_code == 200 and "already has a result" in again.text
+    second = open_ids(fresh)[0]
+    failed = client.post(f"/c/fresh/record/{second}", data={"csrf": csrf, "outcome": "failed", "reason": "hollow"})
+    assert failed.status_code == 303
+    assert open_ids(fresh) == []
+
+
+def test_forms_are_refused_across_sites_without_the_csrf_token_and_when_read_only(fresh: Path) -> None:
+    target = open_ids(fresh)[0]
+    form = {"outcome": "measured", "diameter_nm": "440", "pdi": "5"}
+    board = Board([fresh])
+    try:
+        with serving(create_app(board)) as url, httpx.Client(base_url=url) as c:
+            csrf = csrf_of(c.get("/c/fresh").text)
+            assert c.post(f"/c/fresh/record/{target}", data=form).status_code == 403
+            assert c.post(f"/c/fresh/record/{target}", data=form | {"csrf": "guess"}).status_code == 403
+            evil = c.post(
+                f"/c/fresh/record/{target}", data=form | {"csrf": csrf}, headers={"Origin": "http://evil.example"}
+            )
+            assert evil.status_code == 403
+            assert c.get("/", headers={"Host": "evil.example"}).status_code == 403  # DNS rebinding
+        with serving(create_app(board, read_only=True)) as url, httpx.Client(base_url=url) as c:
+            page = c.get("/c/fresh").text
+            assert "<form" not in page and "read-only" in page
+            assert c.post(f"/c/fresh/record/{target}", data=form | {"csrf": csrf}).status_code == 403
+            assert c.post("/c/fresh/suggest", data={"csrf": csrf}).status_code == 403
+    finally:
+        board.close()
+    assert open_ids(fresh)[0] == target  # nothing was written
+
+
+def test_a_token_guards_everything_and_never_appears_in_a_page(board: Board, fresh: Path) -> None:
+    with serving(create_app(board, token=TOKEN)) as url, httpx.Client(base_url=url, timeout=60) as c:
+        for path in ("/", "/c/fresh", "/api/versions", "/static/plotly.min.js", "/c/fresh/maps.json"):
+            assert c.get(path).status_code == 401, path
+        assert c.get("/?token=wrong-token-wrong-token").status_code == 401
+        assert c.get("/c/fresh", headers={"Authorization": f"Bearer {TOKEN}"}).status_code == 200
+        entered = c.get(f"/c/fresh?token={TOKEN}", follow_redirects=False)
+        assert entered.status_code == 303 and entered.headers["location"] == "/c/fresh"
+        assert "samesite=strict" in entered.headers["set-cookie"].lower()
+        assert "httponly" in entered.headers["set-cookie"].lower()
+        page = c.get("/c/fresh")  # the cookie now
+        assert page.status_code == 200
+        for text in (page.text, c.get("/").text, c.get("/c/fresh/live").text):
+            assert TOKEN not in text
+            assert str(fresh.resolve()) not in text and str(fresh.parent) not in text
+
+
+def test_errors_and_logs_do_not_show_paths_outside_the_campaign(client: httpx.Client, fresh: Path) -> None:
+    with (fresh / "run.log").open("a", encoding="utf-8") as log:
+        log.write(
+            f"2026-01-01T00:00:00+00:00 -- ledger sqlite:///{fresh.resolve()}/ledger.sqlite, home {Path.home()}\n"
+        )
+    page = client.get("/c/fresh").text
+    csrf = csrf_of(page)
+    unknown = client.post("/c/fresh/record/E999", data={"csrf": csrf, "outcome": "failed", "reason": "x"})
+    assert unknown.status_code == 200 and "no experiment &#39;E999&#39;" in unknown.text
+    for text in (client.get("/c/fresh").text, unknown.text):
+        assert str(fresh.resolve()) not in text and str(Path.home()) + "/" not in text
+    assert "ledger.sqlite" in client.get("/c/fresh").text
+    assert client.get("/c/nope").status_code == 404
+    assert client.get("/static/../campaign.toml").status_code == 404
+
+
+def test_plotly_is_served_from_the_python_package(client: httpx.Client) -> None:
+    import plotly
+
+    reply = client.get("/static/plotly.min.js")
+    assert reply.status_code == 200
+    shipped = Path(plotly.__file__).parent / "package_data" / "plotly.min.js"
+    assert reply.content == shipped.read_bytes()
+    page = client.get("/c/fresh").text
+    assert not re.search(r'(src|href)="(https?:)?//', page)  # no CDN, no external fonts
+
+
+def test_maps_and_preview_are_computed_on_demand_and_cached(
+    client: httpx.Client, fresh: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from supraopt.dashboard import figures
+
+    calls = []
+    model_maps = figures.model_maps
+    monkeypatch.setattr(figures, "model_maps", lambda *a: calls.append(a[2]) or model_maps(*a))
+    maps = client.get("/c/fresh/maps.json", params={"t": 35}).json()
+    assert maps["temperature_c"] == 35.0
+    assert set(maps["figures"]) == {"diameter", "pdi", "feasible", "hit"}
+    heat = maps["figures"]["hit"]["data"][0]
+    assert all(0.0 <= v <= 1.0 for row in heat["z"] for v in row)
+    diameters = [v for row in maps["figures"]["diameter"]["data"][0]["z"] for v in row]
+    assert min(diameters) > 0 and max(diameters) > 2 * min(diameters)
+    assert client.get("/c/fresh/maps.json", params={"t": 35}).json() == maps
+    assert calls == [35.0]  # the second request was served from the cache
+    with (fresh / "run.log").open("a", encoding="utf-8") as log:
+        log.write("2026-01-01T00:00:00+00:00 -- a line of the runner changes the page, not the model\n")
+    assert client.get("/c/fresh/maps.json", params={"t": 35}).json() == maps
+    assert calls == [35.0]
+    version = client.get("/api/versions").json()["fresh"]
+    preview = client.get("/c/fresh/preview.json", params={"n": 2}).json()
+    first, second = preview["suggestions"]
+    for suggestion in (first, second):
+        assert set(suggestion["settings"]) == {"concentration_mg_ml", "flow_ratio", "temperature_c"}
+        assert 0 <= suggestion["prediction"]["p_hit"] <= 1
+    assert first["settings"] != second["settings"]  # a batch spreads out
+    assert client.get("/api/versions").json()["fresh"] == version  # a preview records nothing
+
+
+def test_the_suggest_button_records_a_pending_experiment(client: httpx.Client, fresh: Path) -> None:
+    before = open_ids(fresh)
+    csrf = csrf_of(client.get("/c/fresh").text)
+    reply = client.post("/c/fresh/suggest", data={"csrf": csrf})
+    assert reply.status_code == 303
+    after = open_ids(fresh)
+    assert len(after) == len(before) + 1
+    assert f'id="open-{after[-1]}"' in client.get("/c/fresh").text
+
+
+def test_token_file_is_generated_once_with_mode_0600(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    token, source = load_token(tmp_path / "state")
+    assert source == "new" and len(token) >= 16
+    assert (tmp_path / "state" / "token").stat().st_mode & 0o777 == 0o600
+    assert load_token(tmp_path / "state") == (token, "file")
+    monkeypatch.setenv(TOKEN_ENV, "short")
+    with pytest.raises(InputError, match="too short"):
+        load_token(tmp_path / "state")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_until_up(url: str, process: subprocess.Popen[str], **kwargs: object) -> httpx.Response:
+    deadline = time.monotonic() + 90
+    while True:
+        assert process.poll() is None, process.communicate()[0]
+        try:
+            return httpx.get(url, timeout=5, **kwargs)  # type: ignore[arg-type]
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, "the dashboard did not start"
+            time.sleep(0.2)
+
+
+def test_a_non_loopback_start_needs_the_token(campaign_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
+    command = [sys.executable, "-m", "supraopt.cli", "dashboard", str(campaign_dir), "--host", "0.0.0.0"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--state-dir", str(tmp_path / "state")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        refused = _wait_until_up(f"http://127.0.0.1:{port}/", process)
+        assert refused.status_code == 401 and "access token" in refused.text
+        token = (tmp_path / "state" / "token").read_text().strip()
+        entered = _wait_until_up(f"http://127.0.0.1:{port}/?token={token}", process, follow_redirects=True)
+        assert entered.status_code == 200 and "trial-450" in entered.text
+    finally:
+        process.terminate()
+        output = process.communicate(timeout=30)[0]
+    assert f"?token={token}" in output  # printed once, at the first start
+    bad = subprocess.run(
+        [*command, "--port", "0", "--state-dir", str(tmp_path / "other")],
+        env=env | {TOKEN_ENV: "short"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert bad.returncode == 1 and bad.stderr.startswith("error:") and "too short" in bad.stderr
+    assert "Traceback" not in bad.stderr
