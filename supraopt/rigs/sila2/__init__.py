@@ -9,8 +9,9 @@ orchestrators call SiLA 2 devices, and pump and thermostat vendors ship SiLA 2 s
   that drives such a server.
 * ``SupraparticleSynthesis.sila.xml`` (next to this file): the Feature Definition. An observable
   command ``RunExperiment`` (id, settings; intermediate responses queued/running; a measurement, or
-  the defined execution error ``ChemistryFailed`` with its reason), ``GetRun`` and ``CancelRun`` by
-  id, and the properties ``RigLimits`` and ``RigContext``.
+  the defined execution error ``ChemistryFailed`` with its reason) for lab schedulers;
+  ``SubmitExperiment``, ``GetRun`` and ``CancelRun`` by id (what supraopt's client uses); and the
+  properties ``RigLimits`` and ``RigContext``.
 
 The SiLA 2 library (PyPI ``sila2``, the SiLA consortium's Python implementation) is an optional extra,
 ``pip install 'supraopt[sila2]'``; it is imported only when a SiLA 2 server or client is built, so

@@ -10,10 +10,10 @@
     port = 50052
     certificate = "sila2-cert.pem"   # the server's certificate (relative to the campaign folder); or insecure = true on loopback
 
-``submit`` starts ``RunExperiment`` and returns once the server reports the run accepted (its first
-intermediate response, or the end of the execution); ``poll`` and ``cancel`` are ``GetRun`` and
-``CancelRun`` (they work across server restarts, unlike a command execution); ``limits`` and
-``context`` read the ``RigLimits`` and ``RigContext`` properties.
+``submit``, ``poll`` and ``cancel`` are the unobservable commands ``SubmitExperiment``, ``GetRun`` and
+``CancelRun``: each is one call with a deadline, and they work across server restarts (a SiLA command
+execution, such as one of the observable ``RunExperiment`` that lab schedulers use, does not survive
+one). ``limits`` and ``context`` read the ``RigLimits`` and ``RigContext`` properties.
 
 Failures map as the ``http`` adapter maps HTTP failures, so the runner's crash-safety rules hold:
 every call has a deadline (``timeout_s``) and is retried ``retries`` times with exponential backoff on
@@ -185,12 +185,12 @@ class Sila2Rig:
         if bad or missing:
             what = ", ".join(bad) + " is not a finite number" if bad else "missing " + ", ".join(missing)
             raise LimitViolation(f"experiment {proposal.experiment_id} not sent: {what}.")
-        command = self._feature._observable_commands["RunExperiment"]
+        command = self._feature._unobservable_commands["SubmitExperiment"]
         wire_id = self.id_prefix + proposal.experiment_id
         request = command.parameters.to_message(
             ExperimentId=wire_id, Settings=tuple(float(settings[name]) for name in SETTING_FIELDS)
         )
-        self._attempts(f"submit({proposal.experiment_id!r})", lambda: self._run_experiment(command, request))
+        self._attempts(f"submit({proposal.experiment_id!r})", lambda: self._unary("SubmitExperiment", request, command))
 
     def poll(self, experiment_id: str) -> RunStatus:
         run = self._run_call("GetRun", f"poll({experiment_id!r})", experiment_id)
@@ -204,28 +204,6 @@ class Sila2Rig:
     @property
     def _where(self) -> str:
         return f"{self.host}:{self.port}"
-
-    def _run_experiment(self, command: Any, request: Any) -> None:
-        """One attempt at RunExperiment: initiate, then wait for the first intermediate response or the end."""
-        grpc = self._grpc
-        confirmation = self._unary("RunExperiment", request, command)
-        execution = self._feature._pb2_module.SiLAFramework__pb2.CommandExecutionUUID(
-            value=confirmation.commandExecutionUUID.value
-        )
-        stream = self._stub.RunExperiment_Intermediate(execution, timeout=self.timeout_s)
-        try:
-            for _ in stream:
-                return  # the server sends the first state once the rig accepted the run
-        except grpc.RpcError as error:
-            raise self._error(error, command) from None
-        finally:
-            stream.cancel()
-        try:  # the execution ended before any intermediate response: its result says how
-            self._unary("RunExperiment_Result", execution, command)
-        except _DefinedError as error:
-            if error.identifier in {"ChemistryFailed", "RunCancelled", "RunLost"}:
-                return  # the run exists (or existed): poll reports how it ended
-            raise
 
     def _run_call(self, name: str, what: str, experiment_id: str) -> Any:
         command = self._feature._unobservable_commands[name]

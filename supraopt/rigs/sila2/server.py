@@ -293,6 +293,10 @@ def _implementation_class() -> type:
                 for name, value in values.items()
             ]  # fmt: skip
 
+        def SubmitExperiment(self, ExperimentId: str, Settings: Any, *, metadata: Any) -> tuple[Any, ...]:
+            settings = {name: float(getattr(Settings, field)) for name, field in SETTING_FIELDS.items()}
+            return _run_struct(self._guarded(self.guard.submit, ExperimentId, settings))
+
         def GetRun(self, ExperimentId: str, *, metadata: Any) -> tuple[Any, ...]:
             return _run_struct(self._guarded(self.guard.poll, ExperimentId))
 
