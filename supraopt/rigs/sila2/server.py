@@ -247,7 +247,10 @@ def start_server(
                 enable_discovery=discovery,
             )
     except RuntimeError as error:  # grpc cannot bind the port
-        raise InputError(f"cannot serve SiLA 2 on {host}:{port} ({_text(error)} is the port in use?).") from None
+        raise InputError(
+            f"cannot serve SiLA 2 on {host}:{port}: the address cannot be bound (is the port in use, or {host} not "
+            f"an address of this machine?); gRPC said: {_text(error)}"
+        ) from None
 
     def stop() -> None:
         if server.running:
