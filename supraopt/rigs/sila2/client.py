@@ -130,7 +130,14 @@ class Sila2Rig:
         self._sleep = sleep
         self._grpc = grpc
         target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        # reconnect within seconds once a restarted server is back (gRPC's default backoff grows to 2 minutes)
+        options: list[tuple[str, Any]] = [
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 5000),
+        ]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if insecure:
             self._channel = grpc.insecure_channel(target, options=options)
         else:
@@ -234,7 +241,8 @@ class Sila2Rig:
             if any(word in details.lower() for word in _TLS_WORDS):
                 return RigError(
                     f"the TLS handshake with the SiLA 2 server at {self._where} failed ({_short(details)}); check "
-                    "[rig.options] certificate is the server's sila2-cert.pem (or insecure = true for a plain server)."
+                    "[rig.options] certificate is the server's sila2-cert.pem and host a name in it (else set "
+                    "server_name), or insecure = true for a plain server on this machine."
                 )
             return _Transient(
                 f"no reply within {self.timeout_s:g} s"

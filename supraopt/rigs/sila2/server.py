@@ -31,6 +31,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import ipaddress
+import logging
 import math
 import os
 import signal
@@ -476,6 +477,9 @@ def serve(
     except OSError as error:
         raise InputError(f"cannot create the state folder {directory} ({error.strerror}).") from None
     rig = load_rig(adapter, options or {}, directory)
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLine("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     new_certificate = not insecure and not (directory / CERT_FILE).exists()
     running = start_server(rig, host=host, port=port, state_dir=directory, insecure=insecure, discovery=discovery)
     stopped = threading.Event()
@@ -503,6 +507,17 @@ def serve(
     finally:
         running.stop()
     echo("Stopped.")
+
+
+class _OneLine(logging.Formatter):
+    """Log records on one line each: the library logs every refused call with a traceback; keep its message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        copy = logging.makeLogRecord(record.__dict__)
+        if copy.exc_info and copy.exc_info[1] is not None:
+            copy.msg, copy.args = f"{copy.getMessage()}: {_text(copy.exc_info[1])}", None
+        copy.exc_info, copy.exc_text, copy.stack_info = None, None, None
+        return " ".join(super().format(copy).split())
 
 
 def _text(error: BaseException) -> str:
