@@ -209,6 +209,9 @@ def test_a_chemistry_failure_is_a_failed_run_with_its_reason_for_supraopt_and_fo
             time.sleep(1.0)
             assert remote.poll("E001") == RunStatus("E001", RunState.FAILED, Failure("droplets unstable"))
             assert remote.context() == {"chip": "FF-07", "batch_mg_ml": 24.5}
+            remote.submit(Proposal("E003", SETTINGS))
+            remote.cancel("E003")
+            assert remote.poll("E003").state is RunState.CANCELLED
         # a lab scheduler's view: the library's generic client, the observable command, the defined error
         sila = SilaClient("127.0.0.1", number, insecure=True)
         execution = sila.SupraparticleSynthesis.RunExperiment(ExperimentId="E002", Settings=(4.0, 4.0, 40.0))
@@ -226,7 +229,7 @@ def test_a_chemistry_failure_is_a_failed_run_with_its_reason_for_supraopt_and_fo
         sila.close()
     finally:
         running.stop()
-    assert rig.started == ["E001", "E002"]
+    assert rig.started == ["E001", "E003", "E002"]
 
 
 def test_a_slow_poll_past_the_deadline_is_unknown_then_the_next_poll_answers(port: int, twin: CountingRig) -> None:
@@ -260,7 +263,11 @@ def test_tls_with_the_servers_certificate_works_and_another_is_refused(tmp_path:
         certificate = tmp_path / "rig" / CERT_FILE
         assert running.certificate == certificate.read_bytes()
         assert oct((tmp_path / "rig" / "sila2-key.pem").stat().st_mode & 0o777) == "0o600"
-        with Sila2Rig("127.0.0.1", number, certificate=str(certificate), timeout_s=5) as trusted:
+        campaign = tmp_path / "campaign"
+        campaign.mkdir()
+        (campaign / CERT_FILE).write_bytes(certificate.read_bytes())  # what the chemist copies next to campaign.toml
+        options = {"host": "127.0.0.1", "port": number, "certificate": CERT_FILE, "id_prefix": ""}
+        with load_rig("sila2", options, campaign) as trusted:
             trusted.submit(Proposal("E001", SETTINGS))
             assert trusted.poll("E001").state is RunState.DONE
         other = tmp_path / "other"
