@@ -358,7 +358,7 @@ def _run_struct(status: RunStatus) -> tuple[Any, ...]:
 def ensure_certificate(directory: Path, host: str, server_uuid: uuid.UUID) -> tuple[bytes, bytes, bool]:
     """The server's private key and self-signed certificate (PEM), generated on first use; and whether it is new.
 
-    The certificate names localhost, 127.0.0.1, ::1, this machine's name and ``host``, and carries the
+    The certificate names localhost, 127.0.0.1, ::1, this machine's names and addresses and ``host``, and carries the
     SiLA server UUID extension; it is valid for ten years (clients pin it, so renewal is a manual step).
     """
     key_path, cert_path = directory / KEY_FILE, directory / CERT_FILE
@@ -375,6 +375,8 @@ def ensure_certificate(directory: Path, host: str, server_uuid: uuid.UUID) -> tu
     key = ec.generate_private_key(ec.SECP256R1())
     dns = ["localhost", socket.gethostname(), socket.getfqdn()]
     addresses = ["127.0.0.1", "::1"]
+    with contextlib.suppress(OSError):  # this machine's own addresses, so that clients may connect by address
+        addresses += [str(info[4][0]) for info in socket.getaddrinfo(socket.gethostname(), None)]
     try:
         if not ipaddress.ip_address(host).is_unspecified:
             addresses.append(host)
@@ -384,7 +386,9 @@ def ensure_certificate(directory: Path, host: str, server_uuid: uuid.UUID) -> tu
     for name in dict.fromkeys(n for n in dns if n):
         with contextlib.suppress(ValueError):
             names.append(x509.DNSName(name))
-    names += [x509.IPAddress(ipaddress.ip_address(a)) for a in dict.fromkeys(addresses)]
+    for address in dict.fromkeys(addresses):
+        with contextlib.suppress(ValueError):  # e.g. a link-local address with a %zone
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "supraopt SiLA 2 rig server")])
     now = dt.datetime.now(dt.UTC)
     certificate = (
