@@ -129,6 +129,17 @@ def test_neither_end_imports_torch_and_supraopt_imports_without_sila2() -> None:
     subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
 
 
+def test_without_the_extra_both_ends_say_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from supraopt.errors import SpecError
+    from supraopt.rigs.sila2 import server
+
+    monkeypatch.setitem(sys.modules, "sila2", None)  # what an installation without the extra sees
+    with pytest.raises(SpecError, match=r"rig adapter 'sila2' .* pip install 'supraopt\[sila2\]'"):
+        load_rig("sila2", {"host": "127.0.0.1", "port": 5, "insecure": True}, tmp_path)
+    with pytest.raises(InputError, match=r"SiLA 2 needs the 'sila2' package .* pip install 'supraopt\[sila2\]'"):
+        server.serve(port=5, state_dir=tmp_path)
+
+
 def test_options_are_checked_with_clear_messages(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"port=0 must be an integer between 1 and 65535"):
         Sila2Rig("127.0.0.1", 0, insecure=True)
