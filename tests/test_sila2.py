@@ -54,6 +54,7 @@ class CountingRig:
         self.started: list[str] = []
         self.fail_reason = fail_reason
         self.slow_poll_s = 0.0
+        self.inside, self.most_inside = 0, 0  # adapter calls under way at once: the server allows one
         if context is not None:
             self.context = lambda: dict(context)
 
@@ -69,7 +70,10 @@ class CountingRig:
 
     def poll(self, experiment_id: str) -> RunStatus:
         self.calls["poll"] += 1
-        time.sleep(self.slow_poll_s)
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        time.sleep(max(self.slow_poll_s, 0.005))  # long enough for overlapping calls to show
+        self.inside -= 1
         status = self.rig.poll(experiment_id)
         if self.fail_reason and status.state is RunState.DONE:
             return RunStatus(experiment_id, RunState.FAILED, Failure(self.fail_reason))
@@ -203,6 +207,7 @@ def test_duplicate_submits_from_many_threads_start_one_run(port: int, twin: Coun
             thread.join(timeout=30)
         assert remote.poll("E001").state is RunState.DONE
     assert errors == [] and twin.started == ["E001"] and twin.calls["submit"] == 1
+    assert twin.calls["poll"] >= 8 and twin.most_inside == 1  # the 8 requests reached the adapter one at a time
 
 
 def test_a_chemistry_failure_is_a_failed_run_with_its_reason_for_supraopt_and_for_sila_clients() -> None:
