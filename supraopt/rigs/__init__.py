@@ -56,6 +56,10 @@ def load_rig(adapter: str, options: dict[str, Any], campaign_dir: Path) -> Rig:
         # ids (E001, ...) are unique within a campaign only; a rig server may serve several campaigns
         options.setdefault("id_prefix", campaign_prefix(campaign_dir))
         cls = _import_class(adapter, "supraopt.rigs.http", "HttpRig")
+    elif adapter == "sila2":  # a SiLA 2 server (supraopt.rigs.sila2); relative certificate paths start at the campaign
+        options.setdefault("id_prefix", campaign_prefix(campaign_dir))
+        options.setdefault("base_dir", str(campaign_dir))
+        cls = _import_class(adapter, "supraopt.rigs.sila2.client", "Sila2Rig")
     elif adapter.count(":") == 1 and all(part.strip() for part in adapter.split(":")):
         _extend_import_path(campaign_dir)
         module_name, class_name = adapter.split(":")
