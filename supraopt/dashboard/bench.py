@@ -37,7 +37,7 @@ def synthetic_campaign(directory: Path, runs: int, *, open_runs: int = 2, seed: 
     """Write a campaign folder with ``runs`` finished experiments, ``open_runs`` pending ones and a run.log."""
     directory.mkdir(parents=True, exist_ok=True)
     bounds = default_bounds(MODEL)
-    spec = CampaignSpec(name=directory.name, model=MODEL, target=Target(450.0, 0.03, 6.0), bounds=bounds, seed=seed)
+    spec = CampaignSpec(name=directory.name, model=MODEL, targets=(Target(450.0, 0.03, 6.0),), bounds=bounds, seed=seed)
     (directory / SPEC_FILE).write_text(spec.to_toml(), encoding="utf-8")
     world, rng = World.default(), np.random.default_rng(seed)
     items = []
