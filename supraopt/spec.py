@@ -466,7 +466,7 @@ def parse_spec(data: dict[str, Any], source: str = "campaign.toml", directory: P
         loop=_parse_loop(top.table("loop", {})),
         ledger_url=None if ledger_url is None else top.text("ledger_url"),
         plausible=_parse_plausible(top.table("plausible", {})),
-        context=parse_context(top.table("context", {}), source),
+        context=parse_context(data.get("context", {}), source),
     )
     try:
         check_plausible(spec, plausible_ranges(resolved, spec.plausible))
