@@ -529,19 +529,19 @@ def _parse_target(table: dict[str, Any], source: str, where: str) -> Target:
     unknown = set(table) - {"diameter_nm", "tolerance", "pdi_max_pct", "confirm"}
     if unknown:
         raise SpecError(
-            f"{source}: bad {where} table: unknown key(s) {', '.join(sorted(unknown))}; "
+            f"{source}: unknown key(s) in {where}: {', '.join(sorted(unknown))}; "
             "expected diameter_nm, tolerance, pdi_max_pct, confirm."
         )
     if "diameter_nm" not in table:
-        raise SpecError(f"{source}: bad {where} table {table!r}: missing required key 'diameter_nm'.")
+        raise SpecError(f"{source}: missing required key {where} 'diameter_nm'.")
     where = f"{source}: {where}"
     values: dict[str, Any] = {}
     for key, value in table.items():
         if key == "confirm":
             if not isinstance(value, int) or isinstance(value, bool):
                 raise SpecError(f"{where}: confirm={value!r} must be a whole number of repeats.")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise SpecError(f"{where}: {key}={value!r} must be a number.")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise SpecError(f"{where} {key}={value!r} must be a finite number.")
         values[key] = value if key == "confirm" else float(value)
     try:
         return Target(**values)

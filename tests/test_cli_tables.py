@@ -29,7 +29,7 @@ def test_status_and_suggest_tables_fit_80_columns(campaign_dir: Path) -> None:
         campaign.add_run({**SETTINGS, "concentration_mg_ml": 1.0}, Failure("droplets unstable"))
     shown = at_80_columns("suggest", campaign_dir, "-n", "2")
     header = next(line for line in shown.splitlines() if line.split()[:1] == ["id"])
-    assert header.split() == ["id", "c", "r", "T", "pred.", "d", "pred.", "PDI", "P(feas.)", "P(hit)"]
+    assert header.split() == ["id", "c", "r", "T", "aims", "at", "pred.", "d", "pred.", "PDI", "P(feas.)", "P(hit)"]
     legend = " ".join(shown.split())
     assert "r: flow-rate ratio Q_c/Q_d" in legend and "P(hit): probability it hits the target" in legend
     shown = at_80_columns("status", campaign_dir)

@@ -31,7 +31,7 @@ from supraopt.errors import InputError, LimitViolation, RigError, RigTimeout
 from supraopt.ledger import Status
 from supraopt.loop import Event, StopReason, run_campaign
 from supraopt.records import Failure, Proposal, RigLimits, RunState, RunStatus
-from supraopt.rigs import SimulatedRig, campaign_prefix, load_rig
+from supraopt.rigs import RunBook, SimulatedRig, campaign_prefix, load_rig
 from supraopt.rigs.server import REGISTRY_FILE
 from supraopt.rigs.sila2 import FEATURE_FILE
 from supraopt.rigs.sila2.client import Sila2Rig
@@ -390,7 +390,7 @@ def ledger_summary(directory: Path) -> tuple[Counter[str], list[str]]:
 def rig_state(state_dir: Path) -> tuple[list[str], list[str]]:
     """Ids the server claimed and runs the twin holds, from their files in the state folder."""
     claimed = json.loads((state_dir / REGISTRY_FILE).read_text())["runs"]
-    runs = json.loads((state_dir / "simulated-rig-state.json").read_text())["runs"]
+    runs = [e.experiment_id for e in RunBook.in_folder(state_dir / "rig-state", "simulated.sqlite").entries()]
     return sorted(claimed), sorted(runs)
 
 

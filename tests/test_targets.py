@@ -63,7 +63,7 @@ def test_targets_table_round_trips_and_the_old_target_table_still_loads():
         ([{"diameter_nm": 450.0, "confirm": -1}], r"confirm=-1"),
         ([{"diameter_nm": 450.0, "confirm": 1000}], r"confirm=1000"),
         ([{"diameter_nm": 450.0, "confirm": 1.5}], r"confirm=1.5"),
-        ([{"diameter_nm": 450.0, "size": 3}], r"unknown key\(s\) size"),
+        ([{"diameter_nm": 450.0, "size": 3}], r"unknown key\(s\) in \[\[targets\]\]: size"),
         ([], r"\[\[targets\]\] must be one or more tables"),
     ],
 )
