@@ -313,20 +313,27 @@ def _init_worker() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-def run_tasks(tasks: Sequence[Task], workers: int, on_done: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
-    """Run tasks in ``workers`` processes (1: in this process), reporting each result as it lands."""
+def run_tasks(
+    tasks: Sequence[Any],
+    workers: int,
+    on_done: Callable[[dict[str, Any]], None],
+    run: Callable[[Any], dict[str, Any]] = run_task,
+    order: Callable[[dict[str, Any]], Any] = lambda r: (r["strategy"], r["world_seed"], r["target_nm"]),
+) -> list[dict[str, Any]]:
+    """Run ``run(task)`` for every task in ``workers`` processes (1: in this process), reporting each
+    result as it lands; results sorted by ``order``."""
     results = []
     if workers <= 1:
         for task in tasks:
-            results.append(run_task(task))
+            results.append(run(task))
             on_done(results[-1])
         return results
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        futures = [pool.submit(run_task, task) for task in tasks]
+        futures = [pool.submit(run, task) for task in tasks]
         for future in as_completed(futures):
             results.append(future.result())
             on_done(results[-1])
-    return sorted(results, key=lambda r: (r["strategy"], r["world_seed"], r["target_nm"]))
+    return sorted(results, key=order)
 
 
 def summarise(results: Sequence[dict[str, Any]], budget: int) -> pd.DataFrame:
@@ -574,18 +581,8 @@ def run_scenario_task(task: ScenarioTask) -> dict[str, Any]:
 def run_scenario_tasks(
     tasks: Sequence[ScenarioTask], workers: int, on_done: Callable[[dict[str, Any]], None]
 ) -> list[dict[str, Any]]:
-    results = []
-    if workers <= 1:
-        for task in tasks:
-            results.append(run_scenario_task(task))
-            on_done(results[-1])
-        return results
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_init_worker) as pool:
-        futures = [pool.submit(run_scenario_task, task) for task in tasks]
-        for future in as_completed(futures):
-            results.append(future.result())
-            on_done(results[-1])
-    return sorted(results, key=lambda r: (r["world_seed"], r["seed"]))
+    """:func:`run_tasks` for scenario campaigns."""
+    return run_tasks(tasks, workers, on_done, run_scenario_task, lambda r: (r["world_seed"], r["seed"]))
 
 
 def summarise_scenario(scenario: str, results: Sequence[dict[str, Any]]) -> dict[str, float]:
