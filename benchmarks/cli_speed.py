@@ -58,7 +58,7 @@ def commands(work: Path, campaign: Path, pending: str) -> dict[str, tuple[list[s
         "init": (["init", str(work / "new")], True),
         "status --json": (["status", c, "--json"], False),
         "status (table)": (["status", c], False),
-        "export --csv": (["export", c, "--csv", str(work / "export.csv")], False),
+        "export --csv": (["export", c, "--csv", str(work / "export.csv"), "--force"], False),
         "record (one result)": (["record", c, pending, "--diameter-nm", "441", "--pdi", "4.8"], True),
         "record --csv (10 rows)": (["record", c, "--csv", str(csv)], True),
         "suggest --json": (["suggest", c, "--json"], True),
