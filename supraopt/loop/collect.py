@@ -40,7 +40,14 @@ def poll(r: Runner, flight: Flight) -> None:
     if state in (RunState.QUEUED, RunState.RUNNING):
         crash_point("after_poll_running")
         if not flight.running and r.still_open(flight.id):
-            r.ledger.mark_running(flight.id)
+            try:
+                r.ledger.mark_running(flight.id)
+            except LedgerError:  # a person recorded it between our check and our write
+                current = r.ledger.get(flight.id)
+                if current.status in OPEN:
+                    raise
+                r.taken_elsewhere(current)
+                return
             crash_point("after_mark_running")
             flight.running = True
             r.emit(Event("running", flight.id, message=status.message))
