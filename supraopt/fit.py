@@ -51,9 +51,8 @@ from botorch.exceptions.warnings import InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import SingleTaskGP
 from gpytorch.kernels import Kernel
-from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.mlls import ExactMarginalLogLikelihood
-from gpytorch.priors import GammaPrior, LogNormalPrior
+from gpytorch.priors import LogNormalPrior
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
@@ -67,7 +66,6 @@ from supraopt.spec import SPEC_FILE, Target, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     DROPLET_NOISE_SD,
-    MAX_CHOLESKY,
     PDI_RESIDUAL,
     SIZE_RESIDUAL,
     FeasibilityModel,
@@ -228,6 +226,10 @@ class ContextGP(PhysicsGP):
     returns both (offsets last, in parameter units).
     """
 
+    fit_subset = HYPER_SUBSET
+    """Past-data fits are one-off and pool devices: a residual with that much structure needs more than
+    a 300-run subset to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %)."""
+
     def __init__(self, *args: Any, offsets: Sequence[LevelOffsets] = (), **kwargs: Any) -> None:
         self.offsets = tuple(offsets)
         super().__init__(*args, **kwargs)
@@ -237,29 +239,6 @@ class ContextGP(PhysicsGP):
         for offsets in self.offsets:
             kernel = kernel + LevelOffsetKernel(offsets)
         return mean, kernel.to(torch.double)
-
-    def _fit_hypers(self, z: Tensor, y: Tensor, yvar: Tensor, mean: Any, kernel: Kernel) -> dict[str, Tensor]:
-        """MAP hyperparameters as :class:`~supraopt.surrogate.PhysicsGP` does, but on up to :data:`HYPER_SUBSET` runs.
-
-        Past-data fits are one-off and pool devices: a residual with that much structure needs more than
-        a 300-run subset to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %).
-        """
-        if z.shape[0] > HYPER_SUBSET:
-            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:HYPER_SUBSET]
-            z, y, yvar = z[keep], y[keep], yvar[keep]
-        likelihood = FixedNoiseGaussianLikelihood(
-            noise=yvar.clamp_min(1e-8),
-            learn_additional_noise=True,
-            noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
-        )
-        likelihood.second_noise_covar.noise = self.residual.noise_sd**2
-        model = SingleTaskGP(
-            z, y.unsqueeze(-1), likelihood=likelihood, mean_module=mean, covar_module=kernel, outcome_transform=None
-        ).to(torch.double)
-        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
-            mll = ExactMarginalLogLikelihood(likelihood, model)
-            fit_gpytorch_mll(mll, optimizer_kwargs={"options": {"maxiter": 60}})
-        return {k: v for k, v in model.state_dict().items() if "raw_" in k}
 
     def between_sds(self) -> list[float]:
         """The fitted between-level sd of each category (log-outcome scale)."""

@@ -141,6 +141,9 @@ class PhysicsKernel(Kernel):
 class PhysicsGP:
     """A GP on one log-scale outcome with the physics model as its prior (see module docstring)."""
 
+    fit_subset = FIT_SUBSET
+    """Hyperparameters are fitted on at most this many runs (the GP still conditions on all)."""
+
     def __init__(
         self,
         fn: PhysicsFn,
@@ -227,9 +230,9 @@ class PhysicsGP:
         return self
 
     def _fit_hypers(self, z: Tensor, y: Tensor, yvar: Tensor, mean: Mean, kernel: Kernel) -> dict[str, Tensor]:
-        """MAP residual hyperparameters; above :data:`FIT_SUBSET` runs on a seeded random subset."""
-        if z.shape[0] > FIT_SUBSET:
-            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[:FIT_SUBSET]
+        """MAP residual hyperparameters; above :attr:`fit_subset` runs on a seeded random subset."""
+        if z.shape[0] > self.fit_subset:
+            keep = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(0))[: self.fit_subset]
             z, y, yvar = z[keep], y[keep], yvar[keep]
         likelihood = FixedNoiseGaussianLikelihood(
             noise=yvar.clamp_min(1e-8),
