@@ -135,12 +135,22 @@ class CampaignStatus:
     """The campaign's current context: the conditions the next experiments run under."""
     targets: list[TargetState] = field(default_factory=list)
     """Every target's best run, hits and recipe."""
+    recorded: dict[str, int] = field(default_factory=dict)
+    """Experiment id -> seq of its first result event (:meth:`Ledger.result_order`): the run order."""
+
+    def _run_order(self, experiment_id: str) -> float:
+        return self.recorded.get(experiment_id, math.inf)  # ties (none recorded) keep the ledger's order
 
     @property
     def first_hit(self) -> Experiment | None:
-        """The hit whose result was recorded first (in a batch, not necessarily the lowest id)."""
+        """The hit whose result was recorded first, in the ledger's record order (in a batch, not
+        necessarily the lowest id; a later correction or a clock does not change it)."""
         hits = [e for e in self.experiments if self.is_hit(e)]
-        return min(hits, key=lambda e: e.updated_at, default=None)
+        return min(hits, key=lambda e: self._run_order(e.id), default=None)
+
+    def first_hits(self) -> list[str | None]:
+        """Each target's first hit (in record order, as :attr:`first_hit`), None for a target not hit."""
+        return [min(s.hit_runs, key=self._run_order, default=None) for s in self.targets]
 
     def is_hit(self, e: Experiment) -> bool:
         m = e.measurement
@@ -154,7 +164,7 @@ class CampaignStatus:
             "counts": self.counts,
             "hit": self.hit,
             "context": self.context,
-            "targets": [t.to_json() for t in self.targets],
+            "targets": [t.to_json() | {"first_hit": f} for t, f in zip(self.targets, self.first_hits(), strict=True)],
             "best": None if self.best is None else experiment_json(self.best),
             "first_hit": None if first is None else first.id,
             "experiments": [{**experiment_json(e), "hit": self.is_hit(e)} for e in self.experiments],
@@ -782,7 +792,14 @@ class Campaign:
             states = self.assess(experiments).states  # the model may veto a lucky run of repeats
         hit = all(s.done for s in states)
         return CampaignStatus(
-            self.spec.target, counts, states[0].best, hit, experiments, self.ledger.current_context(), states
+            self.spec.target,
+            counts,
+            states[0].best,
+            hit,
+            experiments,
+            self.ledger.current_context(),
+            states,
+            self.ledger.result_order(),
         )
 
     def physics_posterior(self) -> dict[str, tuple[float, float, float, float]]:

@@ -732,6 +732,14 @@ class Ledger:
             out.append(event)
         return out
 
+    def result_order(self) -> dict[str, int]:
+        """Experiment id -> seq of its first result event: the order the runs' results came in (a later
+        correction does not move a run, and no clock is consulted)."""
+        first = sa.func.min(_events.c.seq)
+        query = sa.select(_events.c.experiment_id, first).where(_events.c.kind.in_(("measured", "failed")))
+        with self._transaction(write=False) as conn:
+            return {str(i): int(seq) for i, seq in conn.execute(query.group_by(_events.c.experiment_id))}
+
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Column names and one row per experiment, as plain Python values (what :meth:`to_frame` holds):
         id, status, timestamps, settings, ``pred_*``, measurement, failure_reason, note, ``context.*``."""

@@ -7,10 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from supraopt.campaign import Campaign
+from supraopt.cli import app
 from supraopt.loop import Event, StopReason, run_campaign
 from supraopt.records import Measurement, Proposal, RigLimits, RunState, RunStatus
+from supraopt.spec import Target
 
 
 class FakeTime:
@@ -119,3 +122,55 @@ def test_the_ctrl_c_message_agrees_in_number(campaign: Campaign, batch: int, wor
     )  # fmt: skip
     assert summary.reason is StopReason.INTERRUPTED
     assert words in summary.message
+
+
+S = {"concentration_mg_ml": 4.0, "flow_ratio": 4.0, "temperature_c": 40.0}
+
+
+def test_the_first_hit_is_the_first_recorded_not_the_lowest_id_nor_the_last_touched(tmp_path: Path) -> None:
+    directory = tmp_path / "ladder"
+    with Campaign.create(directory, "cspbbr3-flow-focusing", [450.0, 600.0]) as campaign:
+        campaign.ledger.add_pending([(S, {}), (S, {}), (S, {})])
+        campaign.record("E002", HIT_EDGE)  # recorded first, though E001 was suggested first
+        campaign.record("E001", HIT_CENTRE)
+        campaign.record("E003", Measurement(diameter_nm=598.0, pdi_pct=4.0, n_particles=100))
+        # a later correction touches E002 last (its updated_at is now the latest): it is still the first hit
+        campaign.ledger.correct("E002", Measurement(diameter_nm=460.0, pdi_pct=5.5, n_particles=100), "re-sized")
+        status = campaign.status()
+    assert [e.id for e in status.experiments] == ["E001", "E002", "E003"]
+    assert max(status.experiments, key=lambda e: e.updated_at).id == "E002"
+    assert status.first_hit is not None and status.first_hit.id == "E002"
+    assert status.first_hits() == ["E002", "E003"]
+    data = status.to_json()
+    assert data["first_hit"] == "E002" and [t["first_hit"] for t in data["targets"]] == ["E002", "E003"]
+    assert [t["best"]["id"] for t in data["targets"]] == ["E001", "E003"]  # closest, not first
+
+    result = CliRunner().invoke(app, ["status", str(directory)])
+    assert result.exit_code == 0, result.output
+    assert "450 nm ± 3%, PDI ≤ 6 %: hit, first hit E002 (best E001" in result.output
+    assert "600 nm ± 3%, PDI ≤ 6 %: hit, first hit E003 (best E003" in result.output
+
+
+def test_the_closing_summary_names_every_target(tmp_path: Path) -> None:
+    hit_600 = Measurement(diameter_nm=604.0, pdi_pct=4.0, n_particles=100)
+    with Campaign.create(tmp_path / "c", "cspbbr3-flow-focusing", [450.0, 600.0]) as campaign:
+        time = FakeTime()
+        rig = ScriptedRig(time, [10.0, 10.0, 10.0], [HIT_EDGE, MISS, hit_600])
+        summary = run_campaign(
+            campaign, rig, budget=5, poll_interval_s=10.0, sleep=time.sleep, clock=time.clock
+        )  # fmt: skip
+        assert summary.reason is StopReason.HIT
+        assert summary.message == "all 2 targets hit after 3 experiment(s): 450 nm hit by E001; 600 nm hit by E003."
+        assert [o.first_hit for o in summary.targets] == ["E001", "E003"]
+        assert summary.targets[1].text() == "600 nm ± 3%, PDI ≤ 6 %: hit by E003; closest E003 at 604 nm, PDI 4.0 %."
+        campaign.add_target(Target(800.0))
+
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "c"), "--budget", "3"])  # budget spent: it says so
+    assert result.exit_code == 0, result.output
+    assert (
+        "budget of 3 experiment(s) spent; 2 of 3 targets hit: 450 nm hit by E001; 600 nm hit by E003; 800 nm not hit."
+        in result.output
+    )
+    assert "Experiments used: 3.\n" in result.output
+    for line in ("450 nm ± 3%, PDI ≤ 6 %: hit by E001;", "800 nm ± 3%, PDI ≤ 6 %: not hit; closest E003"):
+        assert line in result.output

@@ -336,18 +336,21 @@ def status(
     counts = ", ".join(f"{v} {k}" for k, v in sorted(state.counts.items())) or "no experiments yet"
     console.print(f"Experiments: {counts}.")
     if len(state.targets) > 1 or (state.targets and state.targets[0].target.confirm):
-        for ts in state.targets:
+        for ts, first in zip(state.targets, state.first_hits(), strict=True):
             best = ts.best.measurement if ts.best is not None else None
             where = (
                 f"best {ts.best.id} at {best.diameter_nm:.0f} nm, PDI {best.pdi_pct:.1f} %"
                 if best and ts.best
                 else "no run yet"
             )
-            console.print(f"{ts.target.label()}: {ts.verdict} ({where}).", highlight=False)
+            verdict = ts.verdict + (f", first hit {first}" if first else "")
+            console.print(f"{ts.target.label()}: {verdict} ({where}).", highlight=False)
     elif state.best is not None and state.best.measurement is not None:
         b = state.best.measurement
         word = "Target hit" if state.hit else "Best so far (target not hit yet)"
-        console.print(f"{word}: {state.best.id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %.")
+        first = state.first_hit
+        tail = f" (the closest; the first hit was {first.id})" if first and first.id != state.best.id else ""
+        console.print(f"{word}: {state.best.id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %{tail}.")
     if state.context:
         console.print(f"Current context (next experiments): {context_text(state.context)}.", highlight=False)
 

@@ -139,14 +139,20 @@ def _print_run_summary(directory: Path, summary: Any) -> None:
     colour = {0: "green", 130: "yellow"}.get(summary.exit_code, "red")
     console.print(f"[bold {colour}]Stopped:[/] {summary.message}", highlight=False, soft_wrap=True)
     line = f"Experiments used: {summary.experiments_used}."
-    if summary.best is not None:
+    if len(summary.targets) > 1:  # one line per target: verdict, first hit, closest run
+        console.print(line, highlight=False, soft_wrap=True)
+        for outcome in summary.targets:
+            console.print(f"  {outcome.text()}", highlight=False, soft_wrap=True)
+        line = ""
+    elif summary.best is not None:
         b = summary.best
         line += (
             f" {'Best hit (closest to the target)' if summary.hit else 'Closest to the target'}: "
             f"{b.experiment_id} at {b.diameter_nm:.0f} nm "
             f"(target {t.diameter_nm:g} nm ± {t.tolerance:.0%}), PDI {b.pdi_pct:.1f} % (ceiling {t.pdi_max_pct:g} %)."
         )
-    console.print(line, highlight=False, soft_wrap=True)
+    if line:
+        console.print(line, highlight=False, soft_wrap=True)
     ledger = spec.ledger_url or str(directory / "ledger.sqlite")
     console.print(f"Ledger: {ledger}; see it with: supraopt status {directory}", highlight=False, soft_wrap=True)
 

@@ -73,7 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from supraopt.campaign import Campaign
-from supraopt.loop.events import EXIT_CODES, Best, Event, RunSummary, StopReason
+from supraopt.loop.events import EXIT_CODES, Best, Event, RunSummary, StopReason, TargetOutcome
 from supraopt.loop.rigcall import submit_within_limits
 from supraopt.loop.runner import RUN_LOG, run, run_campaign
 from supraopt.spec import LoopSettings, RigSettings
@@ -112,6 +112,7 @@ __all__ = [
     "Event",
     "RunSummary",
     "StopReason",
+    "TargetOutcome",
     "create_demo",
     "run",
     "run_campaign",

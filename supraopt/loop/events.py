@@ -48,6 +48,43 @@ class Best:
 
 
 @dataclass(frozen=True)
+class TargetOutcome:
+    """Where one target stands when the runner stops."""
+
+    diameter_nm: float
+    label: str
+    """The target as ``450 nm ± 3 %, PDI ≤ 6 %``."""
+    hit: bool
+    confirm: int
+    """Repeats the target asks for (0: a hit is enough)."""
+    confirmed: bool
+    first_hit: str | None
+    """The hit whose result was recorded first (see :attr:`CampaignStatus.first_hit`)."""
+    best: Best | None
+    """The measured run closest to this target."""
+
+    def verdict(self) -> str:
+        """``hit by E003``, ``not hit``, or with repeats ``confirmed, first hit E003``."""
+        if not self.hit:
+            return "not hit"
+        if self.confirm:
+            return f"{'confirmed' if self.confirmed else 'hit, not confirmed'}, first hit {self.first_hit}"
+        return f"hit by {self.first_hit}"
+
+    def short(self) -> str:
+        """``450 nm hit by E003``: the target in a one-line stop message."""
+        return f"{self.diameter_nm:g} nm {self.verdict()}"
+
+    def text(self) -> str:
+        """The target's line in the closing summary: verdict, first hit and closest run."""
+        line = f"{self.label}: {self.verdict()}"
+        if self.best is not None:
+            b = self.best
+            line += f"; closest {b.experiment_id} at {b.diameter_nm:.0f} nm, PDI {b.pdi_pct:.1f} %"
+        return line + "."
+
+
+@dataclass(frozen=True)
 class RunSummary:
     """What a run of the loop achieved and why it stopped."""
 
@@ -61,6 +98,8 @@ class RunSummary:
     """One line saying why the runner stopped and, where it helps, what to do next."""
     in_flight: tuple[str, ...] = ()
     """Experiments left DISPATCHED/RUNNING in the ledger (picked up by the next run)."""
+    targets: tuple[TargetOutcome, ...] = ()
+    """Every target's outcome, in the spec's order."""
 
     @property
     def exit_code(self) -> int:

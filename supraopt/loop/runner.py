@@ -143,6 +143,7 @@ def step(r: Runner) -> None:
         # the model's view (shares its fit with the suggestion below): confirmed by the posterior,
         # or every target left out of reach
         assessment = r.campaign.assess()
+        r.model_confirmed = frozenset(st.target.diameter_nm for st in assessment.states if st.confirmed)
         stopping = s.stop_on_hit and assessment.all_done
         if not assessment.all_done and not assessment.open():
             out_of_reach = assessment.messages()
@@ -150,14 +151,17 @@ def step(r: Runner) -> None:
         fill(r, room)
     if not r.flights:
         if out_of_reach:
-            raise Stop(StopReason.OUT_OF_REACH, " ".join(out_of_reach) + f" Stopped after {r.finished} experiment(s).")
+            raise Stop(
+                StopReason.OUT_OF_REACH,
+                " ".join(out_of_reach)
+                + f" Stopped after {r.finished} experiment(s)"
+                + (f"; {outcomes_text(r)}." if len(r.outcomes) > 1 else "."),
+            )
         if stopping:
-            targets = r.campaign.spec.targets
-            best = r.best
-            assert best is not None
-            if len(targets) > 1 or targets[0].confirm:
-                word = "confirmed" if any(t.confirm for t in targets) else "hit"
-                raise Stop(StopReason.HIT, f"all {len(targets)} target(s) {word} after {r.finished} experiment(s).")
+            if len(r.outcomes) > 1 or r.outcomes[0].confirm:
+                word = "confirmed" if any(o.confirm for o in r.outcomes) else "hit"
+                all_of = f"all {len(r.outcomes)} targets" if len(r.outcomes) > 1 else "the target"
+                raise Stop(StopReason.HIT, f"{all_of} {word} after {r.finished} experiment(s): {outcomes_text(r)}.")
             first = r.campaign.status().first_hit
             m = first.measurement if first is not None else None
             assert first is not None and m is not None
@@ -167,9 +171,18 @@ def step(r: Runner) -> None:
                 f"{r.finished} experiment(s) finished.",
             )
         if r.finished >= s.budget:
-            verdict = "target hit" if r.hit else "target not hit"
+            if len(r.outcomes) > 1:
+                hits = sum(o.hit for o in r.outcomes)
+                verdict = f"{hits} of {len(r.outcomes)} targets hit: {outcomes_text(r)}"
+            else:
+                verdict = "target hit" if r.hit else "target not hit"
             raise Stop(StopReason.BUDGET, f"budget of {s.budget} experiment(s) spent; {verdict}.")
     wait(r)
+
+
+def outcomes_text(r: Runner) -> str:
+    """Every target on one line: ``350 nm hit by E003; 450 nm not hit``."""
+    return "; ".join(o.short() for o in r.outcomes)
 
 
 def collect_ready(r: Runner) -> bool:

@@ -17,10 +17,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
-from supraopt.campaign import Campaign
+from supraopt.campaign import Campaign, CampaignStatus
 from supraopt.errors import LedgerError, RigError
 from supraopt.ledger import OPEN, Experiment, Ledger, Status
-from supraopt.loop.events import Best, Event, Progress, RunSummary, StopReason
+from supraopt.loop.events import Best, Event, Progress, RunSummary, StopReason, TargetOutcome
 from supraopt.loop.rigcall import RigCall, crash_point
 from supraopt.records import Failure, Measurement, RigLimits
 from supraopt.rigs.base import Rig
@@ -101,6 +101,10 @@ class Runner:
     hit: bool = False
     finished: int = 0
     """Done + failed experiments in the ledger: what the budget counts."""
+    outcomes: tuple[TargetOutcome, ...] = ()
+    """Every target's state, as of the last refresh."""
+    model_confirmed: frozenset[float] = frozenset()
+    """Targets (nm) the last assessment found confirmed, by the posterior if not by repeats alone."""
     log: IO[str] | None = None
 
     @property
@@ -120,6 +124,7 @@ class Runner:
         self.hit = state.hit
         m = state.best.measurement if state.best is not None else None
         self.best = None if m is None or state.best is None else Best(state.best.id, m.diameter_nm, m.pdi_pct)
+        self.outcomes = target_outcomes(state, self.model_confirmed)
 
     def open_in_flight(self) -> list[str]:
         return [e.id for e in self.ledger.experiments([Status.DISPATCHED, Status.RUNNING])]
@@ -266,9 +271,27 @@ class Runner:
 
     def finish(self, reason: StopReason, message: str) -> RunSummary:
         self.refresh()
-        summary = RunSummary(self.finished, self.hit, self.best, reason, message, tuple(self.open_in_flight()))
+        summary = RunSummary(
+            self.finished, self.hit, self.best, reason, message, tuple(self.open_in_flight()), self.outcomes
+        )
         self.emit(Event("stopped", best=self.best, message=message))
         return summary
+
+
+def target_outcomes(
+    state: CampaignStatus, model_confirmed: frozenset[float] = frozenset()
+) -> tuple[TargetOutcome, ...]:
+    """Each target's verdict, first hit (in record order) and closest run; ``model_confirmed`` adds the
+    targets the model's P(a repeat hits) confirms (:meth:`Campaign.assess`)."""
+    out = []
+    for ts, first in zip(state.targets, state.first_hits(), strict=True):
+        m = ts.best.measurement if ts.best is not None else None
+        best = None if ts.best is None or m is None else Best(ts.best.id, m.diameter_nm, m.pdi_pct)
+        confirmed = ts.confirmed or (ts.hit and ts.target.diameter_nm in model_confirmed)
+        out.append(
+            TargetOutcome(ts.target.diameter_nm, ts.target.label(), ts.hit, ts.target.confirm, confirmed, first, best)
+        )
+    return tuple(out)
 
 
 def clause(error: BaseException) -> str:
