@@ -23,6 +23,7 @@ from supraopt.dashboard.data import Board
 from supraopt.errors import InputError, LedgerError
 from supraopt.ledger import Ledger, Status
 from supraopt.records import Measurement
+from supraopt.spec import Target
 
 TOKEN = "a-long-test-token-0123456789"
 
@@ -374,3 +375,42 @@ def test_a_non_loopback_start_needs_the_token(campaign_dir: Path, tmp_path: Path
     )
     assert bad.returncode == 1 and bad.stderr.startswith("error:") and "too short" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_every_target_has_its_row_band_and_contour(tmp_path: Path) -> None:
+    targets = (Target(350.0, 0.03, 6.0), Target(450.0, 0.03, 6.0), Target(600.0, 0.05, 5.0, confirm=1))
+    ladder = synthetic_campaign(tmp_path / "ladder", 0, open_runs=4, seed=3, targets=targets, log=False)
+    ledger = ledger_of(ladder)
+    try:
+        ledger.record_measurement("E002", Measurement(455.0, 5.0, n_particles=100))  # the first hit, recorded first
+        ledger.record_measurement("E001", Measurement(450.0, 3.0, n_particles=100))  # closer, recorded later
+        ledger.record_measurement("E003", Measurement(603.0, 4.0, n_particles=100))  # hit, not yet confirmed
+    finally:
+        ledger.close()
+    board = Board([ladder])
+    try:
+        with serving(create_app(board)) as url, httpx.Client(base_url=url, timeout=120) as c:
+            overview = c.get("/").text
+            page = c.get("/c/ladder").text
+            live = c.get("/c/ladder/live").json()
+            maps = c.get("/c/ladder/maps.json", params={"t": 40}).json()["figures"]
+    finally:
+        board.close()
+    assert "1 of 3 hit" in overview and "600 nm ± 5.0 %, PDI ≤ 5.0 %" in overview
+    rows = {
+        m.group(1): re.sub(r"<[^>]+>|\s+", " ", m.group(2)).split()
+        for m in re.finditer(r'<tr data-target="(\d+)"[^>]*>(.*?)</tr>', page, re.S)
+    }
+    assert list(rows) == ["350", "450", "600"]
+    assert " ".join(rows["350"]).startswith("350 ± 3.0 % 6.0 – not hit – E001:")  # closest to 350, no hit
+    assert " ".join(rows["450"]).startswith("450 ± 3.0 % 6.0 – ✔ hit E002 E001: 450 nm")  # first hit != closest
+    assert " ".join(rows["600"]).startswith("600 ± 5.0 % 5.0 1 hit, not confirmed E003 E003: 603 nm")
+    assert re.search(r'<tr id="row-E003"[^>]*>.*?<td class="hits">✔ 600</td>', page, re.S)
+    parity = live["figures"]["parity"]["layout"]
+    assert [(round(s["x0"]), round(s["x1"])) for s in parity["shapes"]] == [(340, 360), (436, 464), (570, 630)]
+    assert [a["text"] for a in parity["annotations"]] == ["350 nm", "450 nm", "600 nm"]
+    assert "nearest of 3 targets" in live["figures"]["convergence"]["layout"]["title"]["text"]
+    contours = [t for t in maps["diameter"]["data"] if t["type"] == "contour"]
+    assert [t["contours"]["start"] for t in contours] == [350.0, 450.0, 600.0]
+    assert "P(hit any target)" in maps["hit"]["layout"]["title"]["text"]
+    assert all(0.0 <= v <= 1.0 for row in maps["hit"]["data"][0]["z"] for v in row)

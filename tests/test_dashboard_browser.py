@@ -24,7 +24,9 @@ import pytest
 
 from supraopt.dashboard.bench import synthetic_campaign
 from supraopt.ledger import Ledger, Status
+from supraopt.recipe import target_states
 from supraopt.records import Failure
+from supraopt.spec import Target
 
 CHROMIUM = os.environ.get("SUPRAOPT_CHROMIUM", "/usr/bin/chromium")
 ARGS = [
@@ -49,6 +51,10 @@ if MISSING and IN_CI:
 pytestmark = pytest.mark.skipif(MISSING is not None, reason=f"browser tests skipped: {MISSING}")
 
 
+LADDER = (Target(350.0, 0.03, 6.0), Target(450.0, 0.03, 6.0), Target(550.0, 0.05, 8.0, confirm=1))
+"""The second campaign's targets: every one must show (a row, a band on the parity plot)."""
+
+
 def ledger_of(directory: Path) -> Ledger:
     return Ledger(f"sqlite:///{(directory / 'ledger.sqlite').resolve()}")
 
@@ -66,7 +72,7 @@ def campaigns(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("browser")
     return [
         synthetic_campaign(root / "cspbbr3-450nm", 14, open_runs=4, seed=4),
-        synthetic_campaign(root / "cspbbr3-pilot", 5, open_runs=0, seed=5, log=False),
+        synthetic_campaign(root / "cspbbr3-pilot", 5, open_runs=0, seed=5, log=False, targets=LADDER),
     ]
 
 
@@ -212,3 +218,32 @@ def test_the_form_records_a_result_and_shows_errors_next_to_the_field(
         assert ledger.get(target).measurement.pdi_pct == 5.1  # type: ignore[union-attr]
     finally:
         ledger.close()
+
+
+def test_a_campaign_with_several_targets_shows_each(page: Any, server: str, campaigns: list[Path]) -> None:
+    ledger = ledger_of(campaigns[1])
+    try:
+        states, order = target_states(LADDER, ledger.experiments()), ledger.result_order()
+    finally:
+        ledger.close()
+    page.goto(server)
+    overview = page.locator("#campaigns tbody tr").nth(1).inner_text()
+    for t in LADDER:
+        assert f"{t.diameter_nm:.0f} nm ± {t.tolerance:.1%}".replace("%", " %") in overview
+    page.goto(server + "c/cspbbr3-pilot")
+    page.wait_for_selector("#plot-parity .main-svg")
+    rows = page.locator("#targets tbody tr")
+    assert rows.count() == len(LADDER)
+    for k, (t, state) in enumerate(zip(LADDER, states, strict=True)):
+        cells = rows.nth(k).locator("td")
+        assert cells.nth(0).inner_text() == f"{t.diameter_nm:.0f}"
+        assert cells.nth(4).inner_text().lstrip("✔ ") == state.verdict
+        first = min(state.hit_runs, key=lambda i: order[i], default="–")
+        assert cells.nth(5).inner_text() == first
+        assert cells.nth(6).inner_text().startswith(state.best.id if state.best else "–")
+    # one shaded band per target on the parity plot, as drawn by plotly in the page
+    bands = page.evaluate("document.getElementById('plot-parity')._fullLayout.shapes.map(s => [s.x0, s.x1])")
+    assert bands == [[t.diameter_nm * (1 - t.tolerance), t.diameter_nm * (1 + t.tolerance)] for t in LADDER]
+    assert page.locator("#plot-parity .shapelayer path").count() >= len(LADDER)
+    labels = page.locator("#plot-parity .annotation-text").all_text_contents()  # SVG text
+    assert labels == [f"{t.diameter_nm:.0f} nm" for t in LADDER]

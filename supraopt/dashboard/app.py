@@ -296,8 +296,8 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
     def campaign_context(w: Watched, errors: dict[str, dict[str, str]] | None = None, values: Any = None) -> dict:
         view: Page = page(w)
         open_rows = [r for r in view.rows if r.experiment.status in OPEN]
-        figs = {"convergence": figures.convergence(view.rows, w.spec.target)}
-        figs["parity"] = figures.parity(view.rows, w.spec.target)
+        figs = {"convergence": figures.convergence(view.rows, w.spec.targets)}
+        figs["parity"] = figures.parity(view.rows, w.spec.targets)
         low, high = w.spec.bounds["temperature_c"]
         measured = sorted(
             r.experiment.settings["temperature_c"]

@@ -33,11 +33,19 @@ from supraopt.spec import SPEC_FILE, CampaignSpec, Target, default_bounds
 MODEL = "cspbbr3-flow-focusing"
 
 
-def synthetic_campaign(directory: Path, runs: int, *, open_runs: int = 2, seed: int = 0, log: bool = True) -> Path:
+def synthetic_campaign(
+    directory: Path,
+    runs: int,
+    *,
+    open_runs: int = 2,
+    seed: int = 0,
+    log: bool = True,
+    targets: tuple[Target, ...] = (Target(450.0, 0.03, 6.0),),
+) -> Path:
     """Write a campaign folder with ``runs`` finished experiments, ``open_runs`` pending ones and a run.log."""
     directory.mkdir(parents=True, exist_ok=True)
     bounds = default_bounds(MODEL)
-    spec = CampaignSpec(name=directory.name, model=MODEL, targets=(Target(450.0, 0.03, 6.0),), bounds=bounds, seed=seed)
+    spec = CampaignSpec(name=directory.name, model=MODEL, targets=targets, bounds=bounds, seed=seed)
     (directory / SPEC_FILE).write_text(spec.to_toml(), encoding="utf-8")
     world, rng = World.default(), np.random.default_rng(seed)
     items = []

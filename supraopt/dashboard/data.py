@@ -17,6 +17,7 @@ from typing import Any
 
 from supraopt.errors import SpecError
 from supraopt.ledger import OPEN, Experiment, Ledger, Status
+from supraopt.recipe import target_states
 from supraopt.records import PARAMETERS
 from supraopt.spec import CampaignSpec, Target, load_spec
 
@@ -96,13 +97,32 @@ class Row:
     number: int
     experiment: Experiment
     distance: float | None
-    """Miss distance of the measured result (tolerance units; <= 1 is a hit)."""
+    """Miss distance of the measured result to the nearest target (tolerance units; <= 1 is a hit)."""
     hit: bool
     context: dict[str, float] = field(default_factory=dict)
+    hits: tuple[float, ...] = ()
+    """Sizes (nm) of the targets this run hits."""
 
     @property
     def id(self) -> str:
         return self.experiment.id
+
+
+@dataclass(frozen=True)
+class TargetView:
+    """One target's row: where it stands, from the ledger alone (no model)."""
+
+    target: Target
+    verdict: str
+    """'not hit', 'hit', 'hit, not confirmed' or 'confirmed' (by clean repeats; ``supraopt recipe``
+    adds the model's word)."""
+    done: bool
+    first_hit: str | None
+    """The hit whose result was recorded first (the ledger's record order)."""
+    best: Row | None
+    """The measured run closest to this target."""
+    distance: float | None
+    """The best run's miss distance to this target."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +142,13 @@ class Summary:
     """'running', 'waiting for results' (open experiments, nothing running) or 'idle'."""
     last_activity: datetime | None
     version: str
+    targets: tuple[TargetView, ...] = ()
+    """Every target, in the spec's order."""
+
+    @property
+    def hits(self) -> int:
+        """Targets done (hit, and confirmed by repeats when asked)."""
+        return sum(t.done for t in self.targets)
 
 
 @dataclass(frozen=True)
@@ -133,15 +160,30 @@ class Page:
 
 
 def rows_of(watched: Watched, experiments: list[Experiment]) -> list[Row]:
-    target = watched.spec.target
+    targets = watched.spec.targets
     rows = []
     for number, e in enumerate(experiments, start=1):
         m = e.measurement if e.status is Status.DONE else None
-        distance = miss_distance(target, m.diameter_nm, m.pdi_pct) if m is not None else None
+        distance = min(miss_distance(t, m.diameter_nm, m.pdi_pct) for t in targets) if m is not None else None
+        hits = tuple(t.diameter_nm for t in targets if m is not None and t.is_hit(m.diameter_nm, m.pdi_pct))
         context = {k: v for k, v in e.settings.items() if k not in PARAMETERS}
         context |= getattr(e, "context", None) or {}
-        rows.append(Row(number, e, distance, m is not None and target.is_hit(m.diameter_nm, m.pdi_pct), context))
+        rows.append(Row(number, e, distance, bool(hits), context, hits))
     return rows
+
+
+def target_views(watched: Watched, rows: list[Row], order: dict[str, int]) -> tuple[TargetView, ...]:
+    """Each target's verdict, first hit (``order``: experiment id -> record seq) and closest run."""
+    by_id = {r.id: r for r in rows}
+    views = []
+    for state in target_states(watched.spec.targets, [r.experiment for r in rows]):
+        t = state.target
+        first = min(state.hit_runs, key=lambda i: order.get(i, math.inf), default=None)
+        best = by_id.get(state.best.id) if state.best is not None else None
+        m = best.experiment.measurement if best is not None else None
+        distance = miss_distance(t, m.diameter_nm, m.pdi_pct) if m is not None else None
+        views.append(TargetView(t, state.verdict, state.done, first, best, distance))
+    return tuple(views)
 
 
 def summarise(watched: Watched, rows: list[Row], version: str, now: datetime | None = None) -> Summary:
@@ -165,6 +207,7 @@ def summarise(watched: Watched, rows: list[Row], version: str, now: datetime | N
     else:
         state = "idle"
     finished = sum(1 for r in rows if r.experiment.status in (Status.DONE, Status.FAILED))
+    targets = target_views(watched, rows, watched.ledger.result_order())
     return Summary(
         watched.slug,
         watched.name,
@@ -174,10 +217,11 @@ def summarise(watched: Watched, rows: list[Row], version: str, now: datetime | N
         finished,
         watched.spec.loop.budget,
         best,
-        any(r.hit for r in rows),
+        all(t.done for t in targets),
         state,
         last,
         version,
+        targets,
     )
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from supraopt.dashboard.data import Row
@@ -33,8 +34,9 @@ def _layout(title: str, **extra: Any) -> dict[str, Any]:
     return layout | extra
 
 
-def convergence(rows: list[Row], target: Target) -> dict[str, Any]:
-    """Distance to the target (tolerance units, log scale) per finished experiment; hits and failures marked."""
+def convergence(rows: list[Row], targets: Sequence[Target]) -> dict[str, Any]:
+    """Distance to the (nearest) target (tolerance units, log scale) per finished experiment; hits, with the
+    target(s) they hit, and failures marked. Every target's band is the line at 1."""
     finished = [r for r in rows if r.experiment.status in (Status.DONE, Status.FAILED)]
     measured = [(k, r) for k, r in enumerate(finished, 1) if r.distance is not None]
     hits = [(k, r) for k, r in measured if r.hit]
@@ -55,9 +57,10 @@ def convergence(rows: list[Row], target: Target) -> dict[str, Any]:
         },
         {
             "type": "scatter", "mode": "markers", "name": "hit", "x": [k for k, _ in hits],
-            "y": [r.distance for _, r in hits], "text": [r.id for _, r in hits],
+            "y": [r.distance for _, r in hits],
+            "text": [f"{r.id}: hits {' and '.join(f'{d:g} nm' for d in r.hits)}" for _, r in hits],
             "marker": {"color": GREEN, "size": 14, "symbol": "star", "line": {"color": "black", "width": 1}},
-            "hovertemplate": "%{text}: hit<extra></extra>",
+            "hovertemplate": "%{text}<extra></extra>",
         },
         {
             "type": "scatter", "mode": "markers", "name": "failed run", "x": [k for k, _ in failed],
@@ -65,8 +68,9 @@ def convergence(rows: list[Row], target: Target) -> dict[str, Any]:
             "marker": {"color": RED, "size": 9, "symbol": "x"}, "hovertemplate": "failed: %{text}<extra></extra>",
         },
     ]  # fmt: skip
+    nearest = "the target" if len(targets) == 1 else f"the nearest of {len(targets)} targets"
     layout = _layout(
-        "Distance to the target per experiment (≤ 1 is a hit)",
+        f"Distance to {nearest} per experiment (≤ 1 is a hit)",
         xaxis={"title": {"text": "experiment number (finished runs)"}},
         yaxis={"title": {"text": "distance (tolerance units)"}, "type": "log"},
         shapes=[
@@ -84,8 +88,9 @@ def convergence(rows: list[Row], target: Target) -> dict[str, Any]:
     return {"data": traces, "layout": layout}
 
 
-def parity(rows: list[Row], target: Target) -> dict[str, Any]:
-    """Predicted (before the run, with its 90 % interval) against measured diameter."""
+def parity(rows: list[Row], targets: Sequence[Target]) -> dict[str, Any]:
+    """Predicted (before the run, with its 90 % interval) against measured diameter; each target's size
+    band shaded and labelled."""
     pairs = [
         r
         for r in rows
@@ -94,9 +99,8 @@ def parity(rows: list[Row], target: Target) -> dict[str, Any]:
     measured = [r.experiment.measurement.diameter_nm for r in pairs if r.experiment.measurement]
     predicted = [r.experiment.prediction["diameter_nm"] for r in pairs]
     sd = [Z90 * r.experiment.prediction.get("diameter_sd_nm", 0.0) for r in pairs]
-    values = [*measured, *predicted, target.diameter_nm]
+    values = [*measured, *predicted, *(t.diameter_nm for t in targets)]
     low, high = min(values) * 0.9, max(values) * 1.1
-    band = (target.diameter_nm * (1 - target.tolerance), target.diameter_nm * (1 + target.tolerance))
     traces = [
         {
             "type": "scatter", "mode": "lines", "name": "predicted = measured", "x": [low, high], "y": [low, high],
@@ -109,13 +113,21 @@ def parity(rows: list[Row], target: Target) -> dict[str, Any]:
             "hovertemplate": "%{text}: measured %{x:.0f} nm, predicted %{y:.0f} nm<extra></extra>",
         },
     ]  # fmt: skip
+    bands = [(t.diameter_nm * (1 - t.tolerance), t.diameter_nm * (1 + t.tolerance)) for t in targets]
     layout = _layout(
-        "Predicted before the run vs measured diameter",
+        "Predicted before the run vs measured diameter"
+        + ("" if len(targets) == 1 else f" ({len(targets)} target bands)"),
         xaxis={"title": {"text": "measured SP diameter (nm)"}, "range": [low, high]},
         yaxis={"title": {"text": "predicted SP diameter (nm)"}, "range": [low, high]},
         shapes=[
-            {"type": "rect", "xref": "x", "yref": "paper", "x0": band[0], "x1": band[1], "y0": 0, "y1": 1,
-             "fillcolor": GREEN, "opacity": 0.15, "line": {"width": 0}},
+            {"type": "rect", "xref": "x", "yref": "paper", "x0": x0, "x1": x1, "y0": 0, "y1": 1,
+             "fillcolor": GREEN, "opacity": 0.15, "line": {"width": 0}}
+            for x0, x1 in bands
+        ],
+        annotations=[
+            {"x": t.diameter_nm, "xref": "x", "y": 1, "yref": "paper", "yanchor": "bottom", "showarrow": False,
+             "text": f"{t.diameter_nm:g} nm", "font": {"size": 10, "color": GREEN}}
+            for t in targets
         ],
     )  # fmt: skip
     return {"data": traces, "layout": layout}
@@ -143,7 +155,10 @@ def model_maps(campaign: Campaign, rows: list[Row], temperature_c: float) -> dic
             "diameter": torch.exp(surrogates.size.moments(z)[0]),
             "pdi": torch.exp(surrogates.pdi.moments(z)[0]),
             "feasible": surrogates.feasibility.prob(z),
-            "hit": torch.exp(surrogates.acquisition.log_p_hit(z)),
+            # bands rarely overlap (a warning when they do): one run hits at most one target, P(any) = sum
+            "hit": torch.stack([torch.exp(a.log_p_hit(z)) for a in surrogates.per_target or (surrogates.acquisition,)])
+            .sum(0)
+            .clamp(max=1.0),
         }
     done = [r for r in rows if r.experiment.status is Status.DONE and r.experiment.measurement]
     failed = [r for r in rows if r.experiment.status is Status.FAILED]
@@ -151,7 +166,11 @@ def model_maps(campaign: Campaign, rows: list[Row], temperature_c: float) -> dic
         "diameter": ("predicted SP diameter (nm)", "Viridis", None),
         "pdi": ("predicted PDI, CV (%)", [[0, "#fcfdbf"], [0.5, "#de4968"], [1, "#3b0f70"]], None),
         "feasible": ("P(run gives usable SPs)", [[0, "#d73027"], [0.5, "#fee08b"], [1, "#1a9850"]], (0.0, 1.0)),
-        "hit": ("P(hit)", [[0, "#f7fbff"], [0.4, "#6baed6"], [1, "#08306b"]], None),
+        "hit": (
+            "P(hit)" if len(campaign.spec.targets) == 1 else "P(hit any target)",
+            [[0, "#f7fbff"], [0.4, "#6baed6"], [1, "#08306b"]],
+            None,
+        ),
     }
     figures = {}
     for key, values in grids.items():
@@ -164,8 +183,19 @@ def model_maps(campaign: Campaign, rows: list[Row], temperature_c: float) -> dic
         }  # fmt: skip
         if zrange:
             heat["zmin"], heat["zmax"] = zrange
-        traces = [
-            heat,
+        traces = [heat]
+        if key == "diameter":  # where the model expects each target's size: a labelled contour per target
+            traces += [
+                {
+                    "type": "contour", "x": cs, "y": rs, "z": heat["z"], "name": f"{t.diameter_nm:g} nm",
+                    "contours": {"start": t.diameter_nm, "end": t.diameter_nm, "size": 1, "coloring": "lines",
+                                 "showlabels": True, "labelfont": {"color": "white", "size": 11}},
+                    "colorscale": [[0, "white"], [1, "white"]], "showscale": False,
+                    "line": {"width": 2, "dash": "dash"}, "hoverinfo": "skip",
+                }
+                for t in campaign.spec.targets
+            ]  # fmt: skip
+        traces += [
             {
                 "type": "scatter", "mode": "markers", "name": "measured run",
                 "x": [r.experiment.settings.get("concentration_mg_ml") for r in done],
