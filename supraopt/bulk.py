@@ -15,7 +15,9 @@ Columns (header names, any order):
 Every row is checked before anything is written, and the rows are then written in one transaction:
 a bad file, an error or Ctrl-C leaves the ledger unchanged. A content hash of each row is kept in the
 ledger, so importing the same rows again is refused (``duplicates="skip"`` records only the new
-ones, ``duplicates="allow"`` records them again).
+ones, ``duplicates="allow"`` records them again). A row that repeats an earlier row of the same file
+(same settings or id, same result and note) is treated alike: refused, recorded once, or recorded
+each time.
 """
 
 from __future__ import annotations
@@ -149,6 +151,8 @@ class ImportReport:
     """Experiment ids recorded, in file order."""
     skipped: list[int] = field(default_factory=list)
     """File rows (1 = header) left out because they had been imported before."""
+    repeated: list[int] = field(default_factory=list)
+    """File rows left out because they repeat an earlier row of the same file."""
 
 
 def row_digest(
@@ -185,18 +189,37 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
     digests = [row_digest(*row) for row in parsed]
     rows = list(enumerate(zip(parsed, digests, row_contexts, strict=True), start=2))
     skipped: list[int] = []
+    repeated: list[int] = []
     if duplicates != "allow":
         before = campaign.ledger.imported(digests)
         again = [i for i, (_, digest, _) in rows if digest in before]
-        if again and duplicates == "refuse":
-            first_id, source, when = before[digests[again[0] - 2]]
+        first_row: dict[str, int] = {}
+        for i, (_, digest, _) in rows:
+            if digest in first_row and digest not in before:
+                repeated.append(i)
+            first_row.setdefault(digest, i)
+        if (again or repeated) and duplicates == "refuse":
+            problems = []
+            if again:
+                first_id, source, when = before[digests[again[0] - 2]]
+                problems.append(
+                    f"{len(again)} of {len(rows)} row(s) of {path} were imported before (row {again[0]} as {first_id} "
+                    f"from {source or 'a file'} on {when:%Y-%m-%d %H:%M} UTC)"
+                )
+            if repeated:
+                first = first_row[digests[repeated[0] - 2]]
+                problems.append(
+                    f"{len(repeated)} of {len(rows)} row(s) of {path} repeat an earlier row of the file "
+                    f"(row {repeated[0]} is row {first} again)"
+                )
+            new = len(rows) - len(again) - len(repeated)
             raise InputError(
-                f"{len(again)} of {len(rows)} row(s) of {path} were imported before (row {again[0]} as {first_id} "
-                f"from {source or 'a file'} on {when:%Y-%m-%d %H:%M} UTC); nothing was recorded. Add --skip-duplicates "
-                f"to record only the {len(rows) - len(again)} new row(s), or --allow-duplicates for real repeats."
+                f"{'; '.join(problems)}; nothing was recorded. Add --skip-duplicates to record only the {new} new "
+                "row(s), or --allow-duplicates for real repeats."
             )
         skipped = again
-        rows = [(i, row) for i, row in rows if i not in set(again)]
+        left_out = set(again) | set(repeated)
+        rows = [(i, row) for i, row in rows if i not in left_out]
     seen: set[str] = set()
     batch = []
     for i, ((experiment_id, settings, result, note), digest, context) in rows:
@@ -218,4 +241,4 @@ def record_csv(campaign: Campaign, path: Path, duplicates: str = "refuse", sheet
             settings = campaign.space.validate(settings, where=where)
         batch.append((where, BatchRow(experiment_id, settings, result, note, digest, context)))
     remember = kinds if kinds and not campaign.spec.context else None  # how this file reads new names
-    return ImportReport(campaign.record_many(batch, source=str(path), context_kinds=remember), skipped)
+    return ImportReport(campaign.record_many(batch, source=str(path), context_kinds=remember), skipped, repeated)

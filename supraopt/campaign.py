@@ -235,21 +235,6 @@ def out_of_reach_message(target: Target, outlook: Outlook) -> str:
     return f"{text}: {'; '.join(nearest)}."
 
 
-def _refuse_empty_ledger(database: Path) -> None:
-    """A 0-byte ledger file is a lost history, not a new campaign: say so instead of starting afresh."""
-    try:
-        empty = database.stat().st_size == 0
-        wal = database.with_name(database.name + "-wal")
-        empty = empty and (not wal.exists() or wal.stat().st_size == 0)
-    except OSError:
-        return  # no ledger yet (a new campaign) or unreadable: the ledger itself will say
-    if empty:
-        raise LedgerError(
-            f"the ledger {database} is an empty file (0 bytes): this campaign's history is missing. Restore it "
-            "from a backup, or delete the empty file to start this campaign with an empty ledger."
-        )
-
-
 class Campaign:
     """A campaign folder: ``campaign.toml`` (the spec) and the ledger. Use :meth:`create` / :meth:`open`."""
 
@@ -332,9 +317,6 @@ class Campaign:
     def open(cls, directory: str | Path, options: ModelOptions | None = None) -> Campaign:
         directory = Path(directory)
         spec = load_spec(directory)
-        if spec.ledger_url is None:
-            database = directory / "ledger.sqlite"
-            _refuse_empty_ledger(database)
         url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
         return cls(directory, spec, Ledger(url), options)
 

@@ -295,13 +295,30 @@ def _experiment(row: sa.Row[Any]) -> Experiment:
     )
 
 
+def _refuse_empty_file(database: Path) -> None:
+    """A 0-byte SQLite ledger (any path) is a lost history, not a new campaign: say so, write nothing."""
+    try:
+        wal = database.with_name(database.name + "-wal")
+        empty = database.stat().st_size == 0 and (not wal.exists() or wal.stat().st_size == 0)
+    except OSError:
+        return  # no ledger yet (a new campaign) or unreadable: opening it will say
+    if empty:
+        raise LedgerError(
+            f"the ledger {database} is an empty file (0 bytes): this campaign's history is missing. Restore it "
+            "from a backup, or delete the empty file to start this campaign with an empty ledger."
+        )
+
+
 class Ledger:
     """The durable record of one campaign, in the database at ``url`` (a SQLAlchemy URL)."""
 
     def __init__(self, url: str) -> None:
         self._where = url
         try:
-            self._where = sa.make_url(url).render_as_string(hide_password=True)
+            parsed = sa.make_url(url)
+            self._where = parsed.render_as_string(hide_password=True)
+            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+                _refuse_empty_file(Path(str(parsed.database)))
             self._engine = sa.create_engine(url)
             if self._engine.dialect.name == "sqlite":
                 _configure_sqlite(self._engine)

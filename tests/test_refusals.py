@@ -16,7 +16,7 @@ import torch
 from _cli_harness import SETTINGS, cli, files_snapshot, ledger_snapshot
 
 from supraopt.campaign import Campaign
-from supraopt.errors import SpecError
+from supraopt.errors import LedgerError, SpecError
 from supraopt.ledger import Ledger, Status
 from supraopt.records import Measurement
 
@@ -203,6 +203,47 @@ def test_an_empty_ledger_file_is_not_a_new_campaign(here: Path) -> None:
     Path("C/ledger.sqlite").write_bytes(b"")
     refused("status", "C", fragment="is an empty file (0 bytes)")
     assert Path("C/ledger.sqlite").stat().st_size == 0
+
+
+def test_an_empty_ledger_file_elsewhere_is_refused_too(here: Path) -> None:
+    shared = here / "elsewhere" / "shared.sqlite"
+    shared.parent.mkdir()
+    Campaign.create(here / "S", CSPBBR3, 450.0, ledger_url=f"sqlite:///{shared}").close()
+    for side in shared.parent.glob("shared.sqlite-*"):
+        side.unlink()
+    shared.write_bytes(b"")
+    listing = sorted(p.name for p in shared.parent.iterdir())
+    for args in (["status", "S"], ["status", "S", "--json"], ["record", "S", "E001", "--diameter-nm", "450", "--pdi", "5"],
+                 ["suggest", "S"], ["export", "S", "--csv", "s.csv"], ["record", "S", "--csv", "runs.csv"]):  # fmt: skip
+        outcome = cli(*args)
+        assert outcome.refused and not outcome.problems(), (args, outcome)
+        assert f"the ledger {shared} is an empty file (0 bytes)" in outcome.err, outcome.err
+        assert shared.stat().st_size == 0 and sorted(p.name for p in shared.parent.iterdir()) == listing
+    assert not Path("s.csv").exists()
+    with pytest.raises(LedgerError, match="is an empty file"):  # the Python API and the dashboard open it alike
+        Ledger(f"sqlite:///{shared}")
+
+
+def test_rows_repeated_within_one_csv_are_refused_then_skipped_or_allowed(here: Path) -> None:
+    Path("twice.csv").write_text(
+        "concentration_mg_ml,flow_ratio,temperature_c,diameter_nm,pdi_pct\n"
+        "4.0,4.0,40.0,441.5,4.8\n3.0,4.0,40.0,402,5.5\n4.0,4.0,40,441.50,4.8\n5.0,4.0,40.0,480,6\n3,4,40,402,5.5\n"
+    )
+    line = refused("record", "C", "--csv", "twice.csv", fragment="2 of 5 row(s) of twice.csv repeat an earlier row")
+    assert "(row 4 is row 2 again); nothing was recorded" in line and "record only the 3 new row(s)" in line
+    outcome = cli("record", "C", "--csv", "twice.csv", "--skip-duplicates")
+    assert outcome.code == 0 and "Recorded 3 result(s)" in outcome.out and "left out 2 repeated row(s)" in outcome.out
+    with Campaign.open(Path("C")) as campaign:
+        assert [e.measurement.diameter_nm for e in campaign.ledger.experiments([Status.DONE])][1:] == [441.5, 402, 480]  # type: ignore[union-attr]
+    # imported before AND repeated: both counted, nothing written
+    line = refused("record", "C", "--csv", "twice.csv", fragment="5 of 5 row(s) of twice.csv were imported before")
+    Path("real.csv").write_text(
+        "concentration_mg_ml,flow_ratio,temperature_c,diameter_nm,pdi_pct\n6,4,40,500,5\n6,4,40,500,5\n"
+    )
+    refused("record", "C", "--csv", "real.csv", fragment="1 of 2 row(s) of real.csv repeat an earlier row")
+    assert cli("record", "C", "--csv", "real.csv", "--allow-duplicates").code == 0  # a real repeat, recorded twice
+    with Campaign.open(Path("C")) as campaign:
+        assert len(campaign.ledger.experiments([Status.DONE])) == 1 + 3 + 2
 
 
 def test_an_interrupted_csv_import_says_nothing_was_recorded(here: Path, monkeypatch: pytest.MonkeyPatch) -> None:

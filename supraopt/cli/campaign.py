@@ -186,10 +186,11 @@ def record(
         str | None, typer.Option("--sheet", help="With an .xlsx file: the sheet to read (default: the first).")
     ] = None,
     skip_duplicates: Annotated[
-        bool, typer.Option("--skip-duplicates", help="With --csv: leave out rows imported before, record the rest.")
+        bool,
+        typer.Option("--skip-duplicates", help="With --csv: leave out rows imported before or repeated in the file."),
     ] = False,
     allow_duplicates: Annotated[
-        bool, typer.Option("--allow-duplicates", help="With --csv: record rows again that were imported before.")
+        bool, typer.Option("--allow-duplicates", help="With --csv: record rows imported before, or repeated, again.")
     ] = False,
     context: ContextOption = None,
 ) -> None:
@@ -225,7 +226,9 @@ def record(
                 raise InputError("--skip-duplicates and --allow-duplicates exclude each other; pick one.")
             duplicates = "skip" if skip_duplicates else "allow" if allow_duplicates else "refuse"
             report = import_csv(directory, csv, duplicates, sheet)
-            skipped = f"; left out {len(report.skipped)} row(s) imported before" if report.skipped else ""
+            left = [f"{len(report.skipped)} row(s) imported before"] if report.skipped else []
+            left += [f"{len(report.repeated)} repeated row(s)"] if report.repeated else []
+            skipped = f"; left out {' and '.join(left)}" if left else ""
             console.print(f"Recorded {len(report.ids)} result(s) from {csv}{skipped}.", highlight=False)
             return
         if skip_duplicates or allow_duplicates:
