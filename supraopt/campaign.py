@@ -10,6 +10,7 @@ surrogates from the ledger, so a campaign can be resumed, shared or corrected at
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -318,7 +319,17 @@ class Campaign:
         directory = Path(directory)
         spec = load_spec(directory)
         url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
-        return cls(directory, spec, Ledger(url), options)
+        campaign = cls(directory, spec, Ledger(url), options)
+        campaign.share_spec()
+        return campaign
+
+    def share_spec(self) -> None:
+        """A campaign whose ``ledger_url`` is set keeps a copy of its spec in that ledger, for watchers
+        without the folder (``supraopt dashboard --ledger-url``). Best effort: a read-only login skips it."""
+        if self.spec.ledger_url is None:
+            return
+        with contextlib.suppress(LedgerError):
+            self.ledger.share_spec(replace(self.spec, ledger_url=None).to_toml())
 
     def close(self) -> None:
         self.ledger.close()
@@ -585,6 +596,7 @@ class Campaign:
         tmp.replace(path)
         self.spec = spec
         self._spec_mtime = self._spec_file_mtime()
+        self.share_spec()
         return warnings
 
     def _spec_file_mtime(self) -> float:

@@ -83,6 +83,7 @@ _state = sa.Table(
 )
 CURRENT_CONTEXT = "current_context"
 CONTEXT_KINDS = "context_kinds"
+SHARED_SPEC = "campaign_spec"  # campaign.toml, for watchers that have the database but not the folder
 _events = sa.Table(
     "events",
     _metadata,
@@ -434,6 +435,18 @@ class Ledger:
         """Context names met so far -> ``category`` or ``number`` (remembered from their first use)."""
         with self._transaction(write=False) as conn:
             return {str(k): str(v) for k, v in self._get_state(conn, CONTEXT_KINDS).items()}
+
+    def shared_spec(self) -> str | None:
+        """The campaign's ``campaign.toml`` text as last stored by :meth:`share_spec` (None: never stored)."""
+        with self._transaction(write=False) as conn:
+            text = self._get_state(conn, SHARED_SPEC).get("toml")
+        return text if isinstance(text, str) else None
+
+    def share_spec(self, text: str) -> None:
+        """Keep ``text`` (campaign.toml) in the ledger, so ``supraopt dashboard --ledger-url`` needs no folder."""
+        if self.shared_spec() != text:
+            with self._transaction(write=True) as conn:
+                self._put_state(conn, SHARED_SPEC, {"toml": text})
 
     def set_current_context(self, context: Mapping[str, Any]) -> None:
         """Replace the campaign's current context."""

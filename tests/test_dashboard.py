@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -414,3 +415,49 @@ def test_every_target_has_its_row_band_and_contour(tmp_path: Path) -> None:
     assert [t["contours"]["start"] for t in contours] == [350.0, 450.0, 600.0]
     assert "P(hit any target)" in maps["hit"]["layout"]["title"]["text"]
     assert all(0.0 <= v <= 1.0 for row in maps["hit"]["data"][0]["z"] for v in row)
+
+
+def test_a_campaign_is_watched_through_its_ledger_url_alone(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from supraopt.campaign import Campaign
+    from supraopt.cli import app
+
+    shared = tmp_path / "server" / "shared.sqlite"  # stands for a PostgreSQL database
+    shared.parent.mkdir()
+    url = f"sqlite:///{shared}"
+    settings = {"concentration_mg_ml": 4.0, "flow_ratio": 4.0, "temperature_c": 40.0}
+    with Campaign.create(tmp_path / "rig-pc", "cspbbr3-flow-focusing", [450.0, 600.0], ledger_url=url) as campaign:
+        campaign.ledger.add_pending([(settings, {"diameter_nm": 440.0, "diameter_sd_nm": 20.0}), (settings, {})])
+        campaign.record("E001", Measurement(452.0, 4.0, n_particles=100))
+    shutil.rmtree(tmp_path / "rig-pc")  # the desk machine has the database, not the folder
+    board = Board([], [url])
+    try:
+        with serving(create_app(board)) as base, httpx.Client(base_url=base, timeout=120) as c:
+            assert re.findall(r'href="(/c/[^"]+)"', c.get("/").text) == ["/c/rig-pc"]
+            page = c.get("/c/rig-pc").text
+            assert re.findall(r'<tr data-target="(\d+)"', page) == ["450", "600"]
+            assert "run.log stays on the machine that runs the campaign" in page
+            form = {"csrf": csrf_of(page), "outcome": "measured", "diameter_nm": "598", "pdi": "4.5"}
+            assert c.post("/c/rig-pc/record/E002", data=form).status_code == 303
+            assert "✔ all 2" in c.get("/c/rig-pc").text  # both targets hit now
+    finally:
+        board.close()
+    ledger = Ledger(url)
+    try:
+        assert ledger.get("E002").measurement == Measurement(598.0, 4.5)
+    finally:
+        ledger.close()
+
+    folder_only = synthetic_campaign(tmp_path / "local", 1, open_runs=0)  # no ledger_url: no copy of its spec
+    missing = tmp_path / "server" / "typo.sqlite"
+    for bad, message in (
+        (f"sqlite:///{missing}", f"no ledger file at {missing}"),
+        (f"sqlite:///{folder_only / 'ledger.sqlite'}", "holds no copy of its campaign.toml"),
+        (f"sqlite:///{folder_only / 'campaign.toml'}", "cannot be opened"),
+        ("nosuchdb://x", "cannot be opened"),
+    ):
+        result = CliRunner().invoke(app, ["dashboard", "--ledger-url", bad, "--port", "0"])
+        assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+        assert result.output.startswith("error:") and message in result.output, result.output
+    assert not missing.exists()  # a refused URL creates nothing

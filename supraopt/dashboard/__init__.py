@@ -81,8 +81,9 @@ def serve(
     read_only: bool = False,
     state_dir: Path | None = None,
     echo: Callable[[str], None] = print,
+    ledger_urls: list[str] | None = None,
 ) -> None:
-    """Open the campaigns, print where to look, and serve until Ctrl-C."""
+    """Open the campaigns (folders, and ledgers by URL), print where to look, and serve until Ctrl-C."""
     import uvicorn
 
     from supraopt.dashboard.app import create_app
@@ -95,7 +96,7 @@ def serve(
     if host not in LOOPBACK:
         directory = Path(state_dir).expanduser() if state_dir is not None else default_state_dir()
         token, source = load_token(directory)
-    board = Board(directories)
+    board = Board(directories, ledger_urls)
     try:
         sock = _bind(host, port)
         # load torch in the background: the pages need none, the first form or map then needs no wait

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -74,7 +75,8 @@ class Model:
 
         if self._campaign is None:
             w = self.watched
-            self._campaign = Campaign(w.directory, w.spec, w.ledger)
+            # watched through its ledger alone: no folder (no preset file, no campaign.toml to reload)
+            self._campaign = Campaign(w.directory or Path(os.devnull), w.spec, w.ledger)
         return self._campaign
 
     def cached(self, key: tuple[Any, ...], compute: Any) -> Any:
@@ -308,6 +310,7 @@ def create_app(board: Board, *, read_only: bool = False, token: str | None = Non
         return {
             "page": view,
             "s": view.summary,
+            "has_folder": w.directory is not None,
             "open_rows": open_rows,
             "figures": figs,
             "errors": errors or {},

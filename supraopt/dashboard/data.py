@@ -19,7 +19,7 @@ from supraopt.errors import SpecError
 from supraopt.ledger import OPEN, Experiment, Ledger, Status
 from supraopt.recipe import target_states
 from supraopt.records import PARAMETERS
-from supraopt.spec import CampaignSpec, Target, load_spec
+from supraopt.spec import CampaignSpec, Target, load_spec, parse_spec
 
 RUN_LOG = "run.log"  # the closed-loop runner's log (supraopt.loop.runner.RUN_LOG; not imported: it pulls torch)
 RUNNING_WITHIN_S = 120.0
@@ -38,7 +38,8 @@ class Watched:
     """One campaign folder the dashboard serves, under a short ``slug`` used in URLs."""
 
     slug: str
-    directory: Path
+    directory: Path | None
+    """The campaign folder; None for a campaign watched through its ledger alone (``--ledger-url``)."""
     spec: CampaignSpec
     ledger: Ledger
 
@@ -48,11 +49,34 @@ class Watched:
         url = spec.ledger_url or f"sqlite:///{(directory / 'ledger.sqlite').resolve()}"
         return cls(slug, directory, spec, Ledger(url))
 
+    @classmethod
+    def open_url(cls, url: str, slug: str) -> Watched:
+        """A campaign shared through a database (PostgreSQL): the spec comes from the copy in its ledger."""
+        import tomllib
+
+        where = scrub(url, None)
+        _require_ledger(url, where)
+        ledger = Ledger(url)
+        try:
+            text = ledger.shared_spec()
+            if text is None:
+                raise SpecError(
+                    f"the ledger at {where} holds no copy of its campaign.toml; run any supraopt command "
+                    "(e.g. 'supraopt status DIR') on the campaign folder whose ledger_url names it, then try again."
+                )
+            spec = parse_spec(tomllib.loads(text), f"the campaign.toml kept in {where}")
+        except BaseException:
+            ledger.close()
+            raise
+        return cls(slug, None, spec, ledger)
+
     @property
     def name(self) -> str:
         return self.spec.name
 
     def log_stat(self) -> os.stat_result | None:
+        if self.directory is None:
+            return None  # run.log stays on the machine that runs the campaign
         try:
             return (self.directory / RUN_LOG).stat()
         except OSError:
@@ -66,6 +90,8 @@ class Watched:
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> list[str]:
         """The last ``lines`` lines of run.log (empty when the campaign never ran in a loop)."""
+        if self.directory is None:
+            return []
         try:
             with open(self.directory / RUN_LOG, "rb") as handle:
                 handle.seek(0, os.SEEK_END)
@@ -80,9 +106,34 @@ class Watched:
         self.ledger.close()
 
 
-def scrub(text: str, directory: Path) -> str:
-    """``text`` without the absolute location of the campaign folder (nor of the home folder)."""
-    for path in sorted({str(directory.resolve()), str(directory.absolute())}, key=len, reverse=True):
+def _require_ledger(url: str, where: str) -> None:
+    """Refuse a URL that names no supraopt ledger, before opening it would create one (an empty file, tables)."""
+    import sqlalchemy as sa
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        parsed = sa.make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            database = Path(str(parsed.database or ""))
+            if not parsed.database or not database.is_file():
+                raise SpecError(f"--ledger-url {where}: no ledger file at {database}; check the path.")
+        engine = sa.create_engine(url)
+        try:
+            found = sa.inspect(engine).has_table("experiments")
+        finally:
+            engine.dispose()
+    except (SQLAlchemyError, ImportError, ValueError) as error:
+        cause = " ".join(str(getattr(error, "orig", None) or error).split())
+        raise SpecError(f"--ledger-url {where} cannot be opened ({scrub(cause, None)}); check the URL.") from None
+    if not found:
+        raise SpecError(f"--ledger-url {where} holds no supraopt ledger; check the URL (and the schema).")
+
+
+def scrub(text: str, directory: Path | None) -> str:
+    """``text`` without the absolute location of the campaign folder (nor of the home folder, nor a password)."""
+    places = [] if directory is None else [str(directory.resolve()), str(directory.absolute())]
+    for path in sorted(set(places), key=len, reverse=True):
+        assert directory is not None
         text = text.replace(f"sqlite:///{path}/", "").replace(path + os.sep, "").replace(path, directory.name)
     home = str(Path.home())
     if len(home) > 1:
@@ -232,11 +283,11 @@ def page(watched: Watched) -> Page:
     return Page(summarise(watched, rows, version), rows, names, watched.log_tail())
 
 
-def slugs_for(directories: list[Path]) -> list[str]:
-    """A URL-safe, unique short name per folder: its own name, numbered when two share it."""
+def slugs_for(names: list[str]) -> list[str]:
+    """A URL-safe, unique short name per campaign (its folder's or its own name), numbered when two share it."""
     slugs: list[str] = []
-    for directory in directories:
-        base = re.sub(r"[^A-Za-z0-9._-]+", "-", directory.resolve().name).strip("-.") or "campaign"
+    for name in names:
+        base = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "campaign"
         slug, k = base, 2
         while slug in slugs:
             slug, k = f"{base}-{k}", k + 1
@@ -245,18 +296,29 @@ def slugs_for(directories: list[Path]) -> list[str]:
 
 
 class Board:
-    """The campaigns one dashboard serves."""
+    """The campaigns one dashboard serves: campaign folders, and campaigns known by their ledger's URL only."""
 
-    def __init__(self, directories: list[Path]) -> None:
-        if not directories:
-            raise SpecError("give at least one campaign folder, e.g. 'supraopt dashboard campaigns/my-450'.")
+    def __init__(self, directories: list[Path], ledger_urls: list[str] | None = None) -> None:
+        urls = list(ledger_urls or [])
+        if not directories and not urls:
+            raise SpecError(
+                "give at least one campaign folder, e.g. 'supraopt dashboard campaigns/my-450', or --ledger-url URL."
+            )
         self.campaigns: dict[str, Watched] = {}
+        opened: list[Watched] = []
         try:
-            for directory, slug in zip(directories, slugs_for(directories), strict=True):
-                self.campaigns[slug] = Watched.open(Path(directory), slug)
+            for directory in directories:
+                opened.append(Watched.open(Path(directory), ""))
+            for url in urls:
+                opened.append(Watched.open_url(url, ""))
         except BaseException:
-            self.close()
+            for watched in opened:
+                watched.close()
             raise
+        names = [w.directory.resolve().name if w.directory is not None else w.name for w in opened]
+        for watched, slug in zip(opened, slugs_for(names), strict=True):
+            watched.slug = slug
+            self.campaigns[slug] = watched
 
     def get(self, slug: str) -> Watched | None:
         return self.campaigns.get(slug)
