@@ -85,12 +85,10 @@ POSTGRES_URL = os.environ.get("SUPRAOPT_TEST_POSTGRES_URL")
         ),
     ]
 )
-def empty_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ledger]:
-    """An empty ledger: a SQLite file, or a throwaway schema on the PostgreSQL server."""
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """Where a new ledger goes: a SQLite file not yet written, or a throwaway schema on the PostgreSQL server."""
     if request.param == "sqlite":
-        ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
-        yield ledger
-        ledger.close()
+        yield f"sqlite:///{tmp_path / 'server' / 'ledger.sqlite'}"
         return
     import sqlalchemy as sa
 
@@ -100,12 +98,20 @@ def empty_ledger(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Led
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     url = sa.make_url(POSTGRES_URL).update_query_dict({"options": f"-csearch_path={schema}"})
-    ledger = Ledger(url.render_as_string(hide_password=False))
-    yield ledger
-    ledger.close()
+    yield url.render_as_string(hide_password=False)
     with admin.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     admin.dispose()
+
+
+@pytest.fixture
+def empty_ledger(ledger_url: str) -> Iterator[Ledger]:
+    """An empty ledger: a SQLite file, or a throwaway schema on the PostgreSQL server."""
+    if ledger_url.startswith("sqlite:///"):
+        Path(ledger_url.removeprefix("sqlite:///")).parent.mkdir()
+    ledger = Ledger(ledger_url)
+    yield ledger
+    ledger.close()
 
 
 def test_version_changes_with_every_write_and_only_then(empty_ledger: Ledger) -> None:
@@ -417,15 +423,14 @@ def test_every_target_has_its_row_band_and_contour(tmp_path: Path) -> None:
     assert all(0.0 <= v <= 1.0 for row in maps["hit"]["data"][0]["z"] for v in row)
 
 
-def test_a_campaign_is_watched_through_its_ledger_url_alone(tmp_path: Path) -> None:
+def test_a_campaign_is_watched_through_its_ledger_url_alone(tmp_path: Path, ledger_url: str) -> None:
     from typer.testing import CliRunner
 
     from supraopt.campaign import Campaign
     from supraopt.cli import app
 
-    shared = tmp_path / "server" / "shared.sqlite"  # stands for a PostgreSQL database
-    shared.parent.mkdir()
-    url = f"sqlite:///{shared}"
+    url = ledger_url  # a PostgreSQL database, or a SQLite file standing for one
+    (tmp_path / "server").mkdir()
     settings = {"concentration_mg_ml": 4.0, "flow_ratio": 4.0, "temperature_c": 40.0}
     with Campaign.create(tmp_path / "rig-pc", "cspbbr3-flow-focusing", [450.0, 600.0], ledger_url=url) as campaign:
         campaign.ledger.add_pending([(settings, {"diameter_nm": 440.0, "diameter_sd_nm": 20.0}), (settings, {})])
