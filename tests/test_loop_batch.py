@@ -174,3 +174,20 @@ def test_the_closing_summary_names_every_target(tmp_path: Path) -> None:
     assert "Experiments used: 3.\n" in result.output
     for line in ("450 nm ± 3%, PDI ≤ 6 %: hit by E001;", "800 nm ± 3%, PDI ≤ 6 %: not hit; closest E003"):
         assert line in result.output
+
+
+def test_targets_asking_for_repeats_say_confirmed_or_not(tmp_path: Path) -> None:
+    from supraopt.loop.state import target_outcomes
+
+    other = {**S, "concentration_mg_ml": 6.0}
+    with Campaign.create(tmp_path / "c", "cspbbr3-flow-focusing", [450.0, 600.0], confirm=1) as campaign:
+        campaign.add_run(S, HIT_CENTRE)
+        campaign.add_run(S, Measurement(diameter_nm=452.0, pdi_pct=3.5, n_particles=100))  # a clean repeat
+        campaign.add_run(other, Measurement(diameter_nm=598.0, pdi_pct=4.0, n_particles=100))
+        status = campaign.status()
+    by_repeats = target_outcomes(status)
+    assert [o.short() for o in by_repeats] == [
+        "450 nm confirmed, first hit E001",  # two hits at one setting, and the model agrees a repeat would hit
+        "600 nm hit, not confirmed, first hit E003",
+    ]
+    assert target_outcomes(status, frozenset({600.0}))[1].short() == "600 nm confirmed, first hit E003"
