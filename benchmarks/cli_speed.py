@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -92,6 +93,7 @@ def main() -> None:
         shutil.copytree(master, campaign_dir)
         todo = commands(work, campaign_dir, pending)
         times: dict[str, list[float]] = {BASELINE: [], **{name: [] for name in todo}}
+        load_before = os.getloadavg()[0]
         for _ in range(args.repeats):
             times[BASELINE].append(timed([sys.executable, "-c", "import torch, botorch"]))
             for name, (argv, fresh) in todo.items():
@@ -100,9 +102,11 @@ def main() -> None:
                     shutil.copytree(master, campaign_dir)
                     shutil.rmtree(work / "new", ignore_errors=True)
                 times[name].append(timed([*supraopt, *argv]))
+        load_after = os.getloadavg()[0]
     base = statistics.median(times[BASELINE])
     print(
-        f"Whole processes, median of {args.repeats}, campaign of {args.runs} runs ({sys.platform}, Python {sys.version.split()[0]})"
+        f"Whole processes, median of {args.repeats}, campaign of {args.runs} runs ({sys.platform}, Python {sys.version.split()[0]}); "
+        f"load average {load_before:.1f} before, {load_after:.1f} after on {os.cpu_count()} cores"
     )
     print()
     print(f"| command | seconds | ÷ bare `import torch, botorch` ({base:.2f} s) |")
@@ -111,7 +115,8 @@ def main() -> None:
         median = statistics.median(values)
         print(f"| `{name}` | {median:.2f} | {median / base:.2f}× |")
     if args.json:
-        args.json.write_text(json.dumps({"repeats": args.repeats, "runs": args.runs, "times_s": times}, indent=2))
+        record = {"repeats": args.repeats, "runs": args.runs, "load": [load_before, load_after], "times_s": times}
+        args.json.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

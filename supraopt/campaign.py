@@ -493,7 +493,11 @@ class Campaign:
         )
 
     def fitted(self, experiments: Sequence[Experiment], context: Context | None = None) -> Surrogates:
-        """:meth:`fit`, reused while the experiments, the envelope, the targets and the context are unchanged."""
+        """:meth:`fit`, reused while the experiments, the envelope, the targets and the context are unchanged.
+
+        The context is resolved first (as :meth:`fit` would), so that the default context and the same
+        context stated explicitly share one fit: ``suggest`` asks for both and would fit twice."""
+        context = self._proposal_context(experiments, context)
         key = self._key(experiments, context)
         if self._fit_cache is None or self._fit_cache[0] != key:
             self._fit_cache = (key, self.fit(experiments, context))

@@ -5,6 +5,11 @@ history). Each public write is one transaction, committed before the call return
 before it writes, so a refused call leaves the ledger unchanged. Results are never overwritten: a
 correction is a new event and the latest result event wins. SQLite is the default; the same SQL runs
 on PostgreSQL (``postgresql+psycopg://...``).
+
+The SQL is written once, in the words SQLite and PostgreSQL share, and sent through the Python
+database API (``sqlite3`` or ``psycopg``) by :class:`_Database`, which holds the few differences
+(placeholders, the auto-numbered key, row locks, how a transaction begins). No ORM or SQL toolkit:
+``status`` and ``record`` start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -13,7 +18,10 @@ import json
 import math
 import numbers
 import os
+import re
+import threading
 import uuid
+from collections import namedtuple
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -21,9 +29,6 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-import sqlalchemy as sa
-from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from supraopt.errors import InputError, LedgerError
 from supraopt.records import Context, Failure, Measurement, validate_context
@@ -55,59 +60,176 @@ _RESULT_KINDS = ("measured", "failed", "corrected")
 _MEASUREMENT_COLUMNS = tuple(f.name for f in fields(Measurement) if f.name != "context")
 
 
-def _one_of(column: str, values: Collection[str]) -> sa.CheckConstraint:
-    return sa.CheckConstraint(f"{column} IN ({', '.join(repr(v) for v in values)})", name=f"valid_{column}")
+def _one_of(column: str, values: Collection[str]) -> str:
+    return f"CONSTRAINT valid_{column} CHECK ({column} IN ({', '.join(repr(v) for v in values)}))"
 
 
-_metadata = sa.MetaData()
-_experiments = sa.Table(
-    "experiments",
-    _metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("id", sa.String(40), nullable=False, unique=True),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("settings", sa.Text, nullable=False),
-    sa.Column("prediction", sa.Text, nullable=False),
-    sa.Column("created_at", sa.String(40), nullable=False),
-    sa.Column("updated_at", sa.String(40), nullable=False),
-    sa.Column("note", sa.Text, nullable=False),
-    sa.Column("context", sa.Text, nullable=True),  # JSON name -> level or number; added in 2026-12
-    _one_of("status", [s.value for s in Status]),
-    sqlite_autoincrement=True,
-)
-_state = sa.Table(
-    "campaign_state",  # small key -> JSON values: the current context, the kinds of context names
-    _metadata,
-    sa.Column("key", sa.String(60), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False),
-)
 CURRENT_CONTEXT = "current_context"
 CONTEXT_KINDS = "context_kinds"
 SHARED_SPEC = "campaign_spec"  # campaign.toml, for watchers that have the database but not the folder
-_events = sa.Table(
-    "events",
-    _metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("experiment_id", sa.String(40), sa.ForeignKey("experiments.id"), nullable=False, index=True),
-    sa.Column("kind", sa.String(16), nullable=False),
-    sa.Column("at", sa.String(40), nullable=False),
-    sa.Column("payload", sa.Text, nullable=False),
-    _one_of("kind", _KINDS),
-    sqlite_autoincrement=True,
+_TABLES = ("experiments", "campaign_state", "events", "imports")
+_SCHEMA = (
+    # SERIAL_KEY: the dialect's auto-numbered integer primary key (see _Database)
+    f"""CREATE TABLE IF NOT EXISTS experiments (
+        seq SERIAL_KEY,
+        id VARCHAR(40) NOT NULL UNIQUE,
+        status VARCHAR(16) NOT NULL,
+        settings TEXT NOT NULL,
+        prediction TEXT NOT NULL,
+        created_at VARCHAR(40) NOT NULL,
+        updated_at VARCHAR(40) NOT NULL,
+        note TEXT NOT NULL,
+        context TEXT,
+        {_one_of("status", [s.value for s in Status])})""",
+    # small key -> JSON values: the current context, the kinds of context names
+    """CREATE TABLE IF NOT EXISTS campaign_state (
+        key VARCHAR(60) NOT NULL PRIMARY KEY,
+        value TEXT NOT NULL)""",
+    f"""CREATE TABLE IF NOT EXISTS events (
+        seq SERIAL_KEY,
+        experiment_id VARCHAR(40) NOT NULL REFERENCES experiments (id),
+        kind VARCHAR(16) NOT NULL,
+        at VARCHAR(40) NOT NULL,
+        payload TEXT NOT NULL,
+        {_one_of("kind", _KINDS)})""",
+    "CREATE INDEX IF NOT EXISTS ix_events_experiment_id ON events (experiment_id)",
+    # one row per imported result (record --csv): a content hash of the row, to spot a file imported
+    # twice; ledgers written before it existed get the table when they are next opened
+    """CREATE TABLE IF NOT EXISTS imports (
+        seq SERIAL_KEY,
+        digest VARCHAR(64) NOT NULL,
+        experiment_id VARCHAR(40) NOT NULL,
+        source TEXT NOT NULL,
+        at VARCHAR(40) NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS ix_imports_digest ON imports (digest)",
 )
+"""The tables (as earlier supraopt versions made them with SQLAlchemy, so their ledgers open unchanged).
+``experiments.context`` was added in 2026-12 (see :meth:`Ledger._migrate`)."""
+_EXPERIMENT_COLUMNS = "e.seq, e.id, e.status, e.settings, e.prediction, e.created_at, e.updated_at, e.note, e.context"
 
-_imports = sa.Table(
-    "imports",
-    _metadata,
-    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("digest", sa.String(64), nullable=False, index=True),
-    sa.Column("experiment_id", sa.String(40), nullable=False),
-    sa.Column("source", sa.Text, nullable=False),
-    sa.Column("at", sa.String(40), nullable=False),
-    sqlite_autoincrement=True,
-)
-"""One row per imported result (``record --csv``): a content hash of the row, to spot a file imported twice.
-Ledgers written before it existed get the table when they are next opened."""
+
+class _OpenError(Exception):
+    """The URL names no database this ledger can use."""
+
+
+def _shown(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages."""
+    return re.sub(r"^([^:/]+://[^:/@]*):[^@]*@", r"\1:***@", url)
+
+
+def _placeholders(values: Collection[Any]) -> str:
+    return ", ".join("?" * len(values))
+
+
+class _Database:
+    """One SQLite file or PostgreSQL database, reached through its DB-API driver, speaking one SQL.
+
+    Statements use ``?`` placeholders (turned into psycopg's ``%s``). Connections are pooled, and run
+    in autocommit mode so that :meth:`Ledger._transaction` opens each transaction itself: on SQLite a
+    writer takes the write lock at ``BEGIN IMMEDIATE`` (so it queues on ``busy_timeout`` instead of
+    failing with "database is locked" when upgrading a read lock) and a reader gets a WAL snapshot
+    (``BEGIN DEFERRED``). SQLite connections are durable: WAL, full fsync, 30 s wait for locks.
+    """
+
+    def __init__(self, url: str) -> None:
+        scheme, sep, rest = url.partition("://")
+        backend, _, driver = scheme.partition("+")
+        self.backend = backend
+        if sep and backend == "sqlite" and driver in ("", "pysqlite"):
+            import sqlite3
+
+            self.path = rest[1:] if rest.startswith("/") else rest
+            if self.path in ("", ":memory:") or "?" in self.path:
+                raise _OpenError("give the path of a SQLite file: sqlite:///PATH")
+            self.driver: Any = sqlite3
+            self.serial_key = "INTEGER PRIMARY KEY AUTOINCREMENT"
+            self.for_update = ""  # SQLite has no row locks: BEGIN IMMEDIATE already serialises writers
+        elif sep and backend == "postgresql" and driver in ("", "psycopg"):
+            import psycopg
+
+            self.path = ""
+            self.conninfo = f"postgresql://{rest}"
+            self.driver = psycopg
+            self.serial_key = "SERIAL PRIMARY KEY"
+            self.for_update = " FOR UPDATE"
+        else:
+            raise _OpenError(f"unknown database {scheme!r}: use sqlite:///PATH or postgresql+psycopg://...")
+        self.error: type[Exception] = self.driver.Error
+        self._idle: list[Any] = []
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+
+    def connect(self) -> Any:
+        """A new connection, set up (autocommit; on SQLite: WAL, full fsync, wait for locks)."""
+        if self.backend == "sqlite":
+            conn = self.driver.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+            # busy_timeout first, so that switching a new file to WAL waits for other processes
+            for pragma in ("busy_timeout=30000", "journal_mode=WAL", "synchronous=FULL"):
+                conn.execute(f"PRAGMA {pragma}")
+            return conn
+        return self.driver.connect(self.conninfo, autocommit=True)
+
+    def sql(self, statement: str) -> str:
+        statement = statement.replace("SERIAL_KEY", self.serial_key)
+        return statement if self.backend == "sqlite" else statement.replace("?", "%s")
+
+    @contextmanager
+    def connection(self) -> Iterator[Any]:
+        """A pooled connection; closed instead of returned after a database error or an interruption
+        (its state is then unknown). Other errors leave it reusable: the caller has rolled back."""
+        with self._lock:
+            if self._pid != os.getpid():  # a forked child must not share its parent's connections
+                self._idle, self._pid = [], os.getpid()
+            conn = self._idle.pop() if self._idle else None
+        if conn is None:
+            conn = self.connect()
+        try:
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, self.error) or not isinstance(exc, Exception):
+                conn.close()
+            else:
+                self._release(conn)
+            raise
+        self._release(conn)
+
+    def _release(self, conn: Any) -> None:
+        with self._lock:
+            self._idle.append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+class _Cursor:
+    """What a transaction runs statements on: ``execute(sql, params)`` returns the driver's cursor."""
+
+    def __init__(self, db: _Database, conn: Any) -> None:
+        self._db = db
+        self._cursor = conn.cursor()
+
+    @property
+    def for_update(self) -> str:
+        """`` FOR UPDATE`` where rows can be locked (PostgreSQL), else nothing."""
+        return self._db.for_update
+
+    def execute(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        self._cursor.execute(self._db.sql(statement), tuple(params))
+        return self._cursor
+
+    def rows(self, statement: str, params: Sequence[Any] = ()) -> list[Any]:
+        """The rows of a query, each a named tuple of its columns."""
+        cursor = self.execute(statement, params)
+        row_type = namedtuple("Row", [d[0] for d in cursor.description], rename=True)  # type: ignore[misc]
+        return [row_type(*row) for row in cursor.fetchall()]
+
+    def value(self, statement: str, params: Sequence[Any] = ()) -> Any:
+        """The first column of the first row, or None without rows."""
+        row = self.execute(statement, params).fetchone()
+        return None if row is None else row[0]
 
 
 @dataclass(frozen=True)
@@ -197,26 +319,6 @@ def _unknown(experiment_id: str) -> LedgerError:
     return LedgerError(f"no experiment {experiment_id!r} in this campaign; check the id (ids look like E001).")
 
 
-def _configure_sqlite(engine: sa.Engine) -> None:
-    """Durable, multi-process SQLite: WAL, full fsync, wait for locks, writers lock up front."""
-
-    @sa.event.listens_for(engine, "connect")
-    def _connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # the driver emits no BEGIN of its own; _begin does
-        cursor = dbapi_connection.cursor()
-        # busy_timeout first, so that switching a new file to WAL waits for other processes
-        for pragma in ("busy_timeout=30000", "journal_mode=WAL", "synchronous=FULL"):
-            cursor.execute(f"PRAGMA {pragma}")
-        cursor.close()
-
-    @sa.event.listens_for(engine, "begin")
-    def _begin(conn: sa.Connection) -> None:
-        # a writer takes the write lock at BEGIN, so it queues on busy_timeout instead of failing
-        # with "database is locked" when upgrading a read lock; readers get a WAL snapshot
-        mode = "DEFERRED" if conn.get_execution_options().get("supraopt_read") else "IMMEDIATE"
-        conn.exec_driver_sql(f"BEGIN {mode}")
-
-
 def _fsync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
@@ -269,7 +371,7 @@ def _context_map(text: Any) -> dict[str, Any]:
         raise _Damage(str(error).rstrip(".")) from None
 
 
-def _experiment(row: sa.Row[Any]) -> Experiment:
+def _experiment(row: Any) -> Experiment:
     try:
         status = Status(row.status)
     except ValueError:
@@ -311,40 +413,63 @@ def _refuse_empty_file(database: Path) -> None:
 
 
 class Ledger:
-    """The durable record of one campaign, in the database at ``url`` (a SQLAlchemy URL)."""
+    """The durable record of one campaign, in the database at ``url``: ``sqlite:///PATH`` (a file,
+    created if missing) or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``."""
 
     def __init__(self, url: str) -> None:
-        self._where = url
+        self._where = _shown(url)
         try:
-            parsed = sa.make_url(url)
-            self._where = parsed.render_as_string(hide_password=True)
-            if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-                _refuse_empty_file(Path(str(parsed.database)))
-            self._engine = sa.create_engine(url)
-            if self._engine.dialect.name == "sqlite":
-                _configure_sqlite(self._engine)
-            _metadata.create_all(self._engine)
+            self._db = _Database(url)
+            if self._db.backend == "sqlite":
+                _refuse_empty_file(Path(self._db.path))
+            self._create()
             self._migrate()
-        except (SQLAlchemyError, ImportError) as exc:
+        except (_OpenError, ImportError) as exc:
+            raise LedgerError(f"cannot open the ledger at {self._where} ({_cause(exc)}); check the URL.") from exc
+        except Exception as exc:
+            cause: BaseException = exc
+            if isinstance(exc, LedgerError) and exc.__cause__ is not None:  # from _transaction
+                cause = exc.__cause__
+            elif not isinstance(exc, self._db.error):
+                raise
             raise LedgerError(
-                f"cannot open the ledger at {self._where} ({_cause(exc)}); "
+                f"cannot open the ledger at {self._where} ({_cause(cause)}); "
                 "check the URL and that its folder or server exists and is writable."
             ) from exc
 
+    def _columns(self, table: str) -> set[str] | None:
+        """The columns of ``table``, or None if there is no such table."""
+        with self._db.connection() as conn:  # a database that cannot be reached raises here
+            try:
+                cursor = _Cursor(self._db, conn).execute(f"SELECT * FROM {table} WHERE 1 = 0")
+            except self._db.error:
+                return None
+            return {d[0] for d in cursor.description}
+
+    def _create(self) -> None:
+        """Create the tables and indexes that are missing (in one transaction; none if all are there)."""
+        if all(self._columns(table) is not None for table in _TABLES):
+            return
+        with self._transaction(write=True) as cur:
+            if self._db.backend == "postgresql":  # two processes creating at once would collide
+                cur.execute("SELECT pg_advisory_xact_lock(hashtext('supraopt-schema'))")
+            for statement in _SCHEMA:
+                cur.execute(statement)
+
     def _migrate(self) -> None:
         """Bring a ledger written by an older supraopt up to date (adds the ``context`` column)."""
-        if "context" in {c["name"] for c in sa.inspect(self._engine).get_columns("experiments")}:
+        if "context" in (self._columns("experiments") or set()):
             return
         try:
-            with self._engine.connect() as conn, conn.begin():
-                conn.execute(sa.text("ALTER TABLE experiments ADD COLUMN context TEXT"))
-        except SQLAlchemyError:  # another process migrated it meanwhile
-            if "context" not in {c["name"] for c in sa.inspect(self._engine).get_columns("experiments")}:
+            with self._transaction(write=True) as cur:
+                cur.execute("ALTER TABLE experiments ADD COLUMN context TEXT")
+        except LedgerError:  # another process migrated it meanwhile
+            if "context" not in (self._columns("experiments") or set()):
                 raise
 
     def close(self) -> None:
         """Release the database connections."""
-        self._engine.dispose()
+        self._db.close()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:
@@ -354,37 +479,41 @@ class Ledger:
         SQLite: an exclusive ``flock`` on ``<database>.lock`` beside the file; PostgreSQL: a session
         advisory lock. Other writes (results) are not blocked.
         """
-        url = self._engine.url
-        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        if self._db.backend == "sqlite":
             import fcntl
 
-            with open(f"{url.database}.lock", "a") as handle:
+            with open(f"{self._db.path}.lock", "a") as handle:
                 fcntl.flock(handle, fcntl.LOCK_EX)
                 try:
                     yield
                 finally:
                     fcntl.flock(handle, fcntl.LOCK_UN)
-        elif url.get_backend_name() == "postgresql":
-            with self._engine.connect() as conn:
-                conn.execute(sa.text("SELECT pg_advisory_lock(hashtext('supraopt-suggest'))"))
-                conn.commit()
+        else:
+            with self._db.connection() as conn:
+                cur = _Cursor(self._db, conn)
+                cur.execute("SELECT pg_advisory_lock(hashtext('supraopt-suggest'))")
                 try:
                     yield
                 finally:
-                    conn.execute(sa.text("SELECT pg_advisory_unlock(hashtext('supraopt-suggest'))"))
-                    conn.commit()
-        else:
-            yield
+                    cur.execute("SELECT pg_advisory_unlock(hashtext('supraopt-suggest'))")
 
     @contextmanager
-    def _transaction(self, *, write: bool) -> Iterator[sa.Connection]:
+    def _transaction(self, *, write: bool) -> Iterator[_Cursor]:
         """One transaction, committed on exit; database errors become :class:`LedgerError`."""
+        begin = "BEGIN"
+        if self._db.backend == "sqlite":
+            begin = "BEGIN IMMEDIATE" if write else "BEGIN DEFERRED"
         try:
-            with self._engine.connect() as conn:
-                conn.execution_options(supraopt_read=not write)
-                with conn.begin():
-                    yield conn
-        except DBAPIError as exc:
+            with self._db.connection() as conn:
+                cur = _Cursor(self._db, conn)
+                cur.execute(begin)
+                try:
+                    yield cur
+                except BaseException:
+                    cur.execute("ROLLBACK")
+                    raise
+                cur.execute("COMMIT")
+        except self._db.error as exc:
             raise LedgerError(f"the ledger at {self._where} failed ({_cause(exc)}); nothing was changed.") from exc
 
     def add_pending(
@@ -415,16 +544,16 @@ class Ledger:
         return ids
 
     @staticmethod
-    def _get_state(conn: sa.Connection, key: str) -> dict[str, Any]:
-        value = conn.execute(sa.select(_state.c.value).where(_state.c.key == key)).scalar_one_or_none()
+    def _get_state(conn: _Cursor, key: str) -> dict[str, Any]:
+        value = conn.value("SELECT value FROM campaign_state WHERE key = ?", [key])
         return {} if value is None else dict(json.loads(value))
 
     @staticmethod
-    def _put_state(conn: sa.Connection, key: str, value: Mapping[str, Any]) -> None:
-        if conn.execute(sa.select(_state.c.key).where(_state.c.key == key)).first() is None:
-            conn.execute(sa.insert(_state).values(key=key, value=_dumps(value)))
+    def _put_state(conn: _Cursor, key: str, value: Mapping[str, Any]) -> None:
+        if conn.value("SELECT key FROM campaign_state WHERE key = ?", [key]) is None:
+            conn.execute("INSERT INTO campaign_state (key, value) VALUES (?, ?)", [key, _dumps(value)])
         else:
-            conn.execute(sa.update(_state).where(_state.c.key == key).values(value=_dumps(value)))
+            conn.execute("UPDATE campaign_state SET value = ? WHERE key = ?", [_dumps(value), key])
 
     def current_context(self) -> Context:
         """The conditions the next experiments run under, as last stated to ``suggest`` (may be empty)."""
@@ -462,20 +591,20 @@ class Ledger:
     @classmethod
     def _insert_pending(
         cls,
-        conn: sa.Connection,
+        conn: _Cursor,
         settings: dict[str, float],
         prediction: dict[str, float],
         now: str,
         context: Context | None = None,
     ) -> str:
-        values: dict[str, str | None] = {"status": Status.PENDING.value, "created_at": now, "updated_at": now}
-        values |= {"note": "", "settings": _dumps(settings), "prediction": _dumps(prediction)}
-        values |= {"context": _dumps(context) if context else None}
         placeholder = f"new-{uuid.uuid4().hex}"  # unique until the seq is known
-        insert = sa.insert(_experiments).values(id=placeholder, **values).returning(_experiments.c.seq)
-        seq = conn.execute(insert).scalar_one()
+        values: dict[str, str | None] = {"id": placeholder, "status": Status.PENDING.value}
+        values |= {"created_at": now, "updated_at": now, "note": "", "settings": _dumps(settings)}
+        values |= {"prediction": _dumps(prediction), "context": _dumps(context) if context else None}
+        insert = f"INSERT INTO experiments ({', '.join(values)}) VALUES ({_placeholders(values)}) RETURNING seq"
+        seq = conn.value(insert, list(values.values()))
         experiment_id = f"E{seq:03d}"
-        conn.execute(sa.update(_experiments).where(_experiments.c.seq == seq).values(id=experiment_id))
+        conn.execute("UPDATE experiments SET id = ? WHERE seq = ?", [experiment_id, seq])
         payload: dict[str, Any] = {"settings": settings, "prediction": prediction}
         cls._append(conn, experiment_id, "suggested", now, payload | ({"context": context} if context else {}))
         return experiment_id
@@ -510,8 +639,10 @@ class Ledger:
                 status, kind = (Status.DONE, "measured") if "measurement" in payload else (Status.FAILED, "failed")
                 self._change(conn, experiment_id, status, kind, payload, row.note)
                 if row.digest is not None:
-                    values = {"digest": row.digest, "experiment_id": experiment_id, "source": source, "at": now}
-                    conn.execute(sa.insert(_imports).values(**values))
+                    conn.execute(
+                        "INSERT INTO imports (digest, experiment_id, source, at) VALUES (?, ?, ?, ?)",
+                        [row.digest, experiment_id, source, now],
+                    )
                 ids.append(experiment_id)
         return ids
 
@@ -521,12 +652,9 @@ class Ledger:
         found: dict[str, tuple[str, str, datetime]] = {}
         with self._transaction(write=False) as conn:
             for start in range(0, len(wanted), 500):
-                query = (
-                    sa.select(_imports)
-                    .where(_imports.c.digest.in_(wanted[start : start + 500]))
-                    .order_by(_imports.c.seq.desc())
-                )
-                for r in conn.execute(query):
+                chunk = wanted[start : start + 500]
+                query = f"SELECT * FROM imports WHERE digest IN ({_placeholders(chunk)}) ORDER BY seq DESC"
+                for r in conn.rows(query, chunk):
                     found[r.digest] = (r.experiment_id, r.source, _timestamp(r.at))
         return found
 
@@ -608,15 +736,15 @@ class Ledger:
 
     @classmethod
     def _merge_context(
-        cls, conn: sa.Connection, experiment_id: str, context: Context, kinds: Mapping[str, str] | None = None
+        cls, conn: _Cursor, experiment_id: str, context: Context, kinds: Mapping[str, str] | None = None
     ) -> None:
         if kinds:
             cls._put_state(conn, CONTEXT_KINDS, cls._get_state(conn, CONTEXT_KINDS) | dict(kinds))
         if not context:
             return
-        old = conn.execute(sa.select(_experiments.c.context).where(_experiments.c.id == experiment_id)).scalar_one()
+        old = conn.value("SELECT context FROM experiments WHERE id = ?", [experiment_id])
         merged = (json.loads(old) if old else {}) | context
-        conn.execute(sa.update(_experiments).where(_experiments.c.id == experiment_id).values(context=_dumps(merged)))
+        conn.execute("UPDATE experiments SET context = ? WHERE id = ?", [_dumps(merged), experiment_id])
 
     def abandon(self, experiment_id: str, reason: str) -> None:
         """Give up on an open experiment without a chemical result (rig error, lost run, user gave up)."""
@@ -652,10 +780,9 @@ class Ledger:
             )
 
     @staticmethod
-    def _lock(conn: sa.Connection, experiment_id: str) -> Status:
+    def _lock(conn: _Cursor, experiment_id: str) -> Status:
         """Return the experiment's status, its row locked until the transaction ends (FOR UPDATE)."""
-        query = sa.select(_experiments.c.status).where(_experiments.c.id == experiment_id).with_for_update()
-        status = conn.execute(query).scalar_one_or_none()
+        status = conn.value(f"SELECT status FROM experiments WHERE id = ?{conn.for_update}", [experiment_id])
         if status is None:
             raise _unknown(experiment_id)
         return Status(status)
@@ -670,7 +797,7 @@ class Ledger:
     @classmethod
     def _change(
         cls,
-        conn: sa.Connection,
+        conn: _Cursor,
         experiment_id: str,
         status: Status,
         kind: str,
@@ -680,30 +807,31 @@ class Ledger:
         """Set the status (and note, if given) and append the matching event."""
         now = _now()
         values = {"status": status.value, "updated_at": now} | ({} if note is None else {"note": note})
-        conn.execute(sa.update(_experiments).where(_experiments.c.id == experiment_id).values(**values))
+        assignments = ", ".join(f"{name} = ?" for name in values)
+        conn.execute(f"UPDATE experiments SET {assignments} WHERE id = ?", [*values.values(), experiment_id])
         cls._append(conn, experiment_id, kind, now, payload)
 
     @staticmethod
-    def _append(conn: sa.Connection, experiment_id: str, kind: str, at: str, payload: dict[str, Any]) -> None:
-        conn.execute(sa.insert(_events).values(experiment_id=experiment_id, kind=kind, at=at, payload=_dumps(payload)))
+    def _append(conn: _Cursor, experiment_id: str, kind: str, at: str, payload: dict[str, Any]) -> None:
+        conn.execute(
+            "INSERT INTO events (experiment_id, kind, at, payload) VALUES (?, ?, ?, ?)",
+            [experiment_id, kind, at, _dumps(payload)],
+        )
 
-    def _query(self, *conditions: Any) -> list[Experiment]:
-        """Experiments matching ``conditions``, ordered by seq, each with its latest result event."""
-        latest = _events.alias("latest")
+    def _query(self, condition: str = "", params: Sequence[Any] = ()) -> list[Experiment]:
+        """Experiments matching ``condition`` (SQL on ``e``, the experiments), ordered by seq, each with
+        its latest result event."""
         latest_seq = (
-            sa.select(sa.func.max(latest.c.seq))
-            .where(latest.c.experiment_id == _experiments.c.id, latest.c.kind.in_(_RESULT_KINDS))
-            .correlate(_experiments)
-            .scalar_subquery()
+            "SELECT max(latest.seq) FROM events latest WHERE latest.experiment_id = e.id"
+            f" AND latest.kind IN ({', '.join(repr(k) for k in _RESULT_KINDS)})"
         )
         query = (
-            sa.select(_experiments, _events.c.payload.label("result"))
-            .select_from(_experiments.outerjoin(_events, _events.c.seq == latest_seq))
-            .where(*conditions)
-            .order_by(_experiments.c.seq)
+            f"SELECT {_EXPERIMENT_COLUMNS}, r.payload AS result"
+            f" FROM experiments e LEFT OUTER JOIN events r ON r.seq = ({latest_seq})"
+            f"{' WHERE ' + condition if condition else ''} ORDER BY e.seq"
         )
         with self._transaction(write=False) as conn:
-            rows = conn.execute(query).all()
+            rows = conn.rows(query, params)
         out = []
         for row in rows:
             try:
@@ -721,14 +849,13 @@ class Ledger:
     def version(self) -> str:
         """A cheap token that changes with every write (last event seq and event count): poll it to
         notice another process's suggestion, result or correction without reading the whole ledger."""
-        query = sa.select(sa.func.coalesce(sa.func.max(_events.c.seq), 0), sa.func.count(_events.c.seq))
         with self._transaction(write=False) as conn:
-            last, count = conn.execute(query).one()
+            last, count = conn.execute("SELECT coalesce(max(seq), 0), count(seq) FROM events").fetchone()
         return f"{last}.{count}"
 
     def get(self, experiment_id: str) -> Experiment:
         """Return one experiment; raise :class:`LedgerError` if the id is unknown."""
-        found = self._query(_experiments.c.id == experiment_id)
+        found = self._query("e.id = ?", [experiment_id])
         if not found:
             raise _unknown(experiment_id)
         return found[0]
@@ -737,15 +864,16 @@ class Ledger:
         """Return all experiments, or those in ``statuses``, in the order they were suggested."""
         if statuses is None:
             return self._query()
-        return self._query(_experiments.c.status.in_([Status(s).value for s in statuses]))
+        values = [Status(s).value for s in statuses]
+        return self._query(f"e.status IN ({_placeholders(values)})", values)
 
     def events(self, experiment_id: str | None = None) -> list[dict[str, Any]]:
         """Return the history (of one experiment, or all) as ``experiment_id, kind, at, payload`` dicts, in order."""
-        query = sa.select(_events).order_by(_events.c.seq)
-        if experiment_id is not None:
-            query = query.where(_events.c.experiment_id == experiment_id)
+        where = "" if experiment_id is None else " WHERE experiment_id = ?"
         with self._transaction(write=False) as conn:
-            rows = conn.execute(query).all()
+            rows = conn.rows(
+                f"SELECT * FROM events{where} ORDER BY seq", [] if experiment_id is None else [experiment_id]
+            )
         if experiment_id is not None and not rows:
             raise _unknown(experiment_id)  # every experiment has its 'suggested' event
         out = []
@@ -765,10 +893,9 @@ class Ledger:
     def result_order(self) -> dict[str, int]:
         """Experiment id -> seq of its first result event: the order the runs' results came in (a later
         correction does not move a run, and no clock is consulted)."""
-        first = sa.func.min(_events.c.seq)
-        query = sa.select(_events.c.experiment_id, first).where(_events.c.kind.in_(("measured", "failed")))
+        query = "SELECT experiment_id, min(seq) FROM events WHERE kind IN ('measured', 'failed') GROUP BY experiment_id"
         with self._transaction(write=False) as conn:
-            return {str(i): int(seq) for i, seq in conn.execute(query.group_by(_events.c.experiment_id))}
+            return {str(i): int(seq) for i, seq in conn.execute(query).fetchall()}
 
     def table(self) -> tuple[list[str], list[list[Any]]]:
         """Column names and one row per experiment, as plain Python values (what :meth:`to_frame` holds):

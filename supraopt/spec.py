@@ -189,7 +189,8 @@ class CampaignSpec:
     rig: RigSettings = field(default_factory=RigSettings)
     loop: LoopSettings = field(default_factory=LoopSettings)
     ledger_url: str | None = None
-    """SQLAlchemy URL; None means ``sqlite:///<campaign dir>/ledger.sqlite``."""
+    """``sqlite:///PATH`` or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``; None means
+    ``sqlite:///<campaign dir>/ledger.sqlite``."""
     plausible: dict[str, tuple[float, float]] = field(default_factory=dict)
     """Overrides of the preset's plausible ranges (``[plausible]``), for a truly unusual system."""
     context: dict[str, ContextVariable] = field(default_factory=dict)

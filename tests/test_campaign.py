@@ -212,6 +212,17 @@ def test_propose_writes_nothing_and_is_repeatable(campaign):
     assert campaign.propose(2) == first
 
 
+def test_suggest_fits_the_surrogates_once(campaign, monkeypatch):
+    """The proposal and the targets' assessment share one fit: the default context and the same
+    context resolved by suggest are one context."""
+    campaign.add_run(RUN, Measurement(500.0, 4.0))
+    fits = []
+    fit = Campaign.fit
+    monkeypatch.setattr(Campaign, "fit", lambda self, *args, **kwargs: fits.append(1) or fit(self, *args, **kwargs))
+    campaign.suggest(1)
+    assert len(fits) == 1
+
+
 def test_a_reopened_campaign_proposes_the_same(campaign_dir):
     with Campaign.open(campaign_dir) as one:
         one.add_run(RUN, Measurement(500.0, 4.0))

@@ -1,4 +1,4 @@
-"""Commands that fit nothing must not import torch or pandas: they would take seconds to start.
+"""Commands that fit nothing must not import torch, pandas, SciPy or SQLAlchemy: they would take seconds to start.
 
 The commands run in-process (CliRunner) inside a fresh Python subprocess, so that what this test
 process has already imported does not hide an import; after each command the subprocess notes
@@ -18,7 +18,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 from supraopt.cli import app
 
-HEAVY = ("torch", "pandas", "botorch", "matplotlib")
+HEAVY = ("torch", "pandas", "botorch", "matplotlib", "scipy", "sqlalchemy")
 folder = Path(sys.argv[1])
 campaign = str(folder / "c")
 (folder / "results.csv").write_text(
@@ -50,7 +50,7 @@ print(json.dumps(report))
 """
 
 
-def test_commands_that_fit_nothing_import_no_torch_and_no_pandas(tmp_path: Path) -> None:
+def test_commands_that_fit_nothing_import_nothing_heavy(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=120, check=False
     )

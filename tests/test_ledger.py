@@ -242,17 +242,18 @@ def test_a_new_ledger_on_the_same_database_sees_everything(url: str) -> None:
 def test_sqlite_connections_are_durable_and_writers_lock_at_begin(tmp_path: Path) -> None:
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.sqlite'}")
     statements: list[str] = []
-    sa.event.listen(ledger._engine, "before_cursor_execute", lambda _c, _cur, sql, *_: statements.append(sql))
+    [pooled] = ledger._db._idle  # the connection that opened the ledger, kept for the next transaction
+    pooled.set_trace_callback(statements.append)
     ledger.add_pending([(SETTINGS, PREDICTION)])
     ledger.get("E001")
     assert [sql for sql in statements if sql.startswith("BEGIN")] == ["BEGIN IMMEDIATE", "BEGIN DEFERRED"]
-    connections = [ledger._engine.raw_connection() for _ in range(2)]  # two pooled connections, each set up
+    connections = [pooled, ledger._db.connect()]  # the pooled one and a new one: each set up
     for connection in connections:
         cursor = connection.cursor()
         values = [cursor.execute(f"PRAGMA {name}").fetchone()[0] for name in ("journal_mode", "synchronous")]
         values.append(cursor.execute("PRAGMA busy_timeout").fetchone()[0])
         assert values == ["wal", 2, 30000]  # synchronous 2 is FULL
-        connection.close()
+    connections[1].close()
     ledger.close()
 
 

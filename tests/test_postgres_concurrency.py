@@ -116,7 +116,7 @@ def test_eight_processes_suggesting_and_recording_lose_and_duplicate_nothing(
     }
     with Campaign.open(directory) as campaign:
         if ledger_url is not None:
-            assert campaign.ledger._engine.dialect.name == "postgresql"
+            assert campaign.ledger._db.backend == "postgresql"
         experiments = campaign.ledger.experiments()
         events = campaign.ledger.events()
     assert [e.id for e in experiments] == sorted(claimed) == [f"E{n:03d}" for n in range(1, total + 1)]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from supraopt.cli._common import app, console, user_errors
 from supraopt.errors import InputError
@@ -41,6 +40,7 @@ def benchmark(
 ) -> None:
     """Measure experiments-to-target against plain BO and random search on many simulated worlds."""
     from rich.progress import Progress
+    from rich.table import Table
 
     from supraopt import benchmark as bench
 
@@ -109,6 +109,7 @@ def swap_benchmark(
 ) -> None:
     """``--scenario chip-swap|batch-swap``: experiments to hit again after the rig changed."""
     from rich.progress import Progress
+    from rich.table import Table
 
     from supraopt import benchmark as bench
 
@@ -149,6 +150,7 @@ def run_scenario(
 ) -> None:
     """``--scenario ladder|confirm|unreachable``: one of :data:`supraopt.benchmark.TARGET_SCENARIOS`, supraopt only."""
     from rich.progress import Progress
+    from rich.table import Table
 
     from supraopt import benchmark as bench
 

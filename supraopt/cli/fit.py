@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.table import Table
 
 from supraopt.cli._common import CampaignDir, app, console, open_campaign, print_legend, user_errors
 from supraopt.errors import InputError
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 MAP_HELP = (
     "FIELD=COLUMN, repeatable: the column holding a field when its header is not recognised, e.g. "
@@ -38,6 +40,7 @@ def frame_table(frame: Any, title: str, index: str | None = None) -> Table:
     other cells wrap instead.
     """
     from rich import box
+    from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     if index:
@@ -97,6 +100,8 @@ def fit_command(
     Columns are found from their headers ('c (mg/mL)', 'phi_i (%)', 'Qc/Qd', 'T (K)', 'SP size (µm)', 'CV (%)',
     'droplet_size', 'capillary_number', ...); name the others with --map and give units with --unit.
     """
+    from rich.table import Table
+
     with user_errors():
         from supraopt import plots
         from supraopt.fit import check_into, check_new_campaign_dir, fit_runs, seed_campaign, write_tables

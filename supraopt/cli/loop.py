@@ -7,14 +7,16 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.table import Table
 
 from supraopt.cli._common import CampaignDir, app, console, err_console, fmt, settings_text, user_errors
 from supraopt.records import Failure, Measurement
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 
 class RunProgress:
@@ -83,6 +85,7 @@ class RunProgress:
 
     def _table(self) -> Table:
         from rich import box
+        from rich.table import Table
 
         table = Table(
             title="c mg/mL, r = Q_c/Q_d, T °C; predicted and measured d nm, PDI %",

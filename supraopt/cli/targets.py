@@ -6,7 +6,6 @@ import json
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from supraopt.cli._common import CampaignDir, app, console, fmt, open_campaign, settings_text, user_errors
 
@@ -44,6 +43,8 @@ def recipe(
 ) -> None:
     """The recipe card of every target: settings, predicted size and PDI of a repeat, P(a repeat hits),
     and the runs that back it. Before a hit, the setting most likely to hit is shown instead."""
+    from rich.table import Table
+
     with user_errors(), open_campaign(directory) as campaign:
         cards = campaign.recipes()
     if as_json:

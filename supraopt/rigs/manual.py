@@ -115,7 +115,7 @@ class ManualRig:
         return headers
 
     def _open_ledger(self) -> Ledger:
-        from supraopt.ledger import Ledger  # lazy: the ledger brings SQLAlchemy and pandas
+        from supraopt.ledger import Ledger  # lazy: only a manual rig with a campaign folder reads the ledger
 
         if self._ledger is None:
             url = self._ledger_url or load_spec(self.directory).ledger_url
