@@ -26,6 +26,7 @@ from supraopt.space import SearchSpace
 from supraopt.spec import (
     SPEC_FILE,
     CampaignSpec,
+    ContextVariable,
     LoopSettings,
     RigSettings,
     Target,
@@ -269,6 +270,13 @@ class Campaign:
             self._context_effects = load_effects(resolve_model(self.spec.model, self.directory))
         return self._context_effects
 
+    @property
+    def context_terms(self) -> dict[str, Any]:
+        """The preset's ``[context_terms]``: numeric contexts its physics names."""
+        from supraopt.context import load_terms
+
+        return load_terms(resolve_model(self.spec.model, self.directory))
+
     # --- lifecycle --------------------------------------------------------------------------------
 
     @classmethod
@@ -287,6 +295,7 @@ class Campaign:
         name: str | None = None,
         ledger_url: str | None = None,
         loop: LoopSettings | None = None,
+        context: dict[str, ContextVariable] | None = None,
     ) -> Campaign:
         """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign.
 
@@ -307,6 +316,7 @@ class Campaign:
             rig=rig or RigSettings(),
             ledger_url=ledger_url,
             loop=loop or LoopSettings(),
+            context=context or {},
         )
         check_plausible(spec, plausible_ranges(resolve_model(model, directory)))
         try:
@@ -464,7 +474,8 @@ class Campaign:
                 self.space, math.log(self.spec.target.pdi_max_pct), ResidualPrior(**PLAIN_PDI_RESIDUAL)
             )
         contexts = [e.context for e in done]
-        model = ContextModel(self._context_kinds([*contexts, context]), [*contexts, context], self.context_effects)
+        kinds = self._context_kinds([*contexts, context])
+        model = ContextModel(kinds, [*contexts, context], self.context_effects, self.context_terms)
         context_model = None if model.empty else model
         if context_model is not None:
             size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
