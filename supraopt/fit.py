@@ -19,14 +19,14 @@ when the rig measures droplets):
   temperature only, the preset's nozzle), its posterior becomes the SP stage's prior for the
   droplet parameters: then SP sizes identify the packing fraction separately.
 
-**Contexts** (``--context``, :class:`supraopt.pastdata.Context`) enter as campaigns' do
+**Contexts** (``--context``, :class:`supraopt.pastdata.Context`) enter as in campaigns
 (:mod:`supraopt.context`, one implementation): a category gets per-level offsets on the parameter
 the preset's ``[context_effects]`` says it moves, with a learned between-level sd; a number is a GP
 input and, where the preset's ``[context_terms]`` names it (expansion ratio), a power-law term of
-the size. Every context is also an input of the GP residual (past data pool devices whose
-regimes differ in shape, not only in scale). Predictive
-variances are calibrated on leave-one-out residuals (:func:`loo_scale`); :func:`holdout` fits a few
-runs and predicts the rest (``--train-rows``).
+the size. Every context is also an input of the GP residual (past data pool devices whose regimes
+differ in shape, not only in scale). ``seed_campaign`` carries both into the new campaign
+(:meth:`FitResult.context_transfer`). Predictive variances are calibrated on leave-one-out
+residuals (:func:`loo_scale`); :func:`holdout` fits a few runs and predicts the rest (``--train-rows``).
 
 The physics parameters of the size laws enter linearly on the log scale, so their Laplace
 posterior from :meth:`~supraopt.surrogate.PhysicsGP.parameter_posterior` is exact (given the GP
@@ -766,7 +766,7 @@ class FitResult:
         updates = {}
         for p in posteriors:
             for i, name in enumerate(p.names):
-                if name not in base.priors:  # a context's level offsets: the campaign has no such level (yet)
+                if name not in base.priors:  # a context's level offsets and terms: see context_transfer
                     continue
                 sd = max(float(p.sd[i]), floor * base.priors[name][1])
                 updates[name] = (float(p.mean[i]), sd)
