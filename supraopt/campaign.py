@@ -816,8 +816,8 @@ class Campaign:
         for key, gp in (("size", surrogates.size), ("pdi", surrogates.pdi)):
             mean, cov = gp.parameter_posterior(z, ys[key])
             for i, name in enumerate(gp.names):
-                # a context offset's prior: N(0, tau^2), tau as learned
-                prior_mean, prior_sd = self.preset.priors.get(name, (0.0, float(gp.prior_sd[i])))
+                # a context part's prior: N(0, tau^2) with tau as learned, or a level's offset carried by fit --into
+                prior_mean, prior_sd = self.preset.priors.get(name, (float(gp.prior_mean[i]), float(gp.prior_sd[i])))
                 out[name] = (float(mean[i]), float(cov[i, i].clamp_min(0) ** 0.5), prior_mean, prior_sd)
         return out
 
