@@ -27,6 +27,7 @@ from supraopt.space import SearchSpace
 from supraopt.spec import (
     SPEC_FILE,
     CampaignSpec,
+    ContextVariable,
     LoopSettings,
     RigSettings,
     Target,
@@ -265,6 +266,13 @@ class Campaign:
             self._context_effects = load_effects(resolve_model(self.spec.model, self.directory))
         return self._context_effects
 
+    @property
+    def context_terms(self) -> dict[str, Any]:
+        """The preset's ``[context_terms]``: numeric contexts its physics names."""
+        from supraopt.context import load_terms
+
+        return load_terms(resolve_model(self.spec.model, self.directory))
+
     # --- lifecycle --------------------------------------------------------------------------------
 
     @classmethod
@@ -283,6 +291,7 @@ class Campaign:
         name: str | None = None,
         ledger_url: str | None = None,
         loop: LoopSettings | None = None,
+        context: dict[str, ContextVariable] | None = None,
     ) -> Campaign:
         """Write ``DIR/campaign.toml`` and an empty ledger; refuses to overwrite a campaign.
 
@@ -303,6 +312,7 @@ class Campaign:
             rig=rig or RigSettings(),
             ledger_url=ledger_url,
             loop=loop or LoopSettings(),
+            context=context or {},
         )
         check_plausible(spec, plausible_ranges(resolve_model(model, directory)))
         try:
@@ -467,7 +477,8 @@ class Campaign:
                 self.space, math.log(self.spec.target.pdi_max_pct), ResidualPrior(**PLAIN_PDI_RESIDUAL)
             )
         contexts = [e.context for e in done]
-        model = ContextModel(self._context_kinds([*contexts, context]), [*contexts, context], self.context_effects)
+        kinds = self._context_kinds([*contexts, context])
+        model = ContextModel(kinds, [*contexts, context], self.context_effects, self.context_terms)
         context_model = None if model.empty else model
         if context_model is not None:
             size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
@@ -820,8 +831,8 @@ class Campaign:
         for key, gp in (("size", surrogates.size), ("pdi", surrogates.pdi)):
             mean, cov = gp.parameter_posterior(z, ys[key])
             for i, name in enumerate(gp.names):
-                # a context offset's prior: N(0, tau^2), tau as learned
-                prior_mean, prior_sd = self.preset.priors.get(name, (0.0, float(gp.prior_sd[i])))
+                # a context part's prior: N(0, tau^2) with tau as learned, or a level's offset carried by fit --into
+                prior_mean, prior_sd = self.preset.priors.get(name, (float(gp.prior_mean[i]), float(gp.prior_sd[i])))
                 out[name] = (float(mean[i]), float(cov[i, i].clamp_min(0) ** 0.5), prior_mean, prior_sd)
         return out
 

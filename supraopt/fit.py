@@ -19,12 +19,14 @@ when the rig measures droplets):
   temperature only, the preset's nozzle), its posterior becomes the SP stage's prior for the
   droplet parameters: then SP sizes identify the packing fraction separately.
 
-**Contexts** (``--context``, :class:`supraopt.pastdata.Context`): a category gets per-level offsets on
-the parameter it moves (:data:`OFFSET_TARGETS`), extra linear parameters of the linearised physics
-with a learned between-level sd (:class:`LevelOffsets`, :class:`ContextGP`); a number is a GP input
-and, where the droplet law names it (:data:`DROPLET_CONTEXT_TERMS`), a power-law term. Predictive
-variances are calibrated on leave-one-out residuals (:func:`loo_scale`); :func:`holdout` fits a few
-runs and predicts the rest (``--train-rows``).
+**Contexts** (``--context``, :class:`supraopt.pastdata.Context`) enter as in campaigns
+(:mod:`supraopt.context`, one implementation): a category gets per-level offsets on the parameter
+the preset's ``[context_effects]`` says it moves, with a learned between-level sd; a number is a GP
+input and, where the preset's ``[context_terms]`` names it (expansion ratio), a power-law term of
+the size. Every context is also an input of the GP residual (past data pool devices whose regimes
+differ in shape, not only in scale). ``seed_campaign`` carries both into the new campaign
+(:meth:`FitResult.context_transfer`). Predictive variances are calibrated on leave-one-out
+residuals (:func:`loo_scale`); :func:`holdout` fits a few runs and predicts the rest (``--train-rows``).
 
 The physics parameters of the size laws enter linearly on the log scale, so their Laplace
 posterior from :meth:`~supraopt.surrogate.PhysicsGP.parameter_posterior` is exact (given the GP
@@ -39,7 +41,7 @@ import re
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,19 +52,31 @@ import torch
 from botorch.exceptions.warnings import InputDataWarning, OptimizationWarning
 from botorch.fit import fit_gpytorch_mll
 from botorch.models import SingleTaskGP
-from gpytorch.kernels import Kernel
 from gpytorch.mlls import ExactMarginalLogLikelihood
-from gpytorch.priors import LogNormalPrior
 from linear_operator.utils.warnings import NumericalWarning
 from torch import Tensor
 
 from supraopt import physics
 from supraopt.campaign import MIN_PDI_PCT, Campaign
+from supraopt.context import (
+    ContextEffect,
+    LinearPart,
+    PhysicsTerm,
+    add_parts,
+    effect_for,
+    learn_tau,
+    level_parts,
+    load_effects,
+    load_terms,
+    term_for,
+    term_part,
+)
 from supraopt.errors import InputError, SpecError
 from supraopt.pastdata import CATEGORY, DROPLET_INPUTS, SP_INPUTS, Context, Runs, read_runs
 from supraopt.physics import PhysicsFn, Preset
+from supraopt.records import validate_context
 from supraopt.space import SearchSpace
-from supraopt.spec import SPEC_FILE, Target, preset_path, read_toml
+from supraopt.spec import SPEC_FILE, ContextVariable, Target, preset_path, read_toml
 from supraopt.surrogate import (
     DEFAULT_N_PARTICLES,
     DROPLET_NOISE_SD,
@@ -93,21 +107,8 @@ DROPLET_TERMS = {
 """Droplet-law input -> its parameter (orifice width enters as ``w``, without a parameter)."""
 UNKNOWN_DEVICE_LOG_K_SD = 3.0
 """Prior sd of ln k for droplet-only data without an orifice width: the preset's nozzle says nothing then."""
-DROPLET_PRIORS = {
-    "capillary_exponent_b": (-0.2, 0.1),
-    "aspect_exponent_c": (0.0, 0.3),
-    "expansion_exponent_e": (0.0, 0.3),
-}
+DROPLET_PRIORS = {"capillary_exponent_b": (-0.2, 0.1), "aspect_exponent_c": (0.0, 0.3)}
 """Priors of the droplet-law terms the presets do not carry (SCIENCE.md section 3)."""
-DROPLET_CONTEXT_TERMS = {"expansionratio": "expansion_exponent_e", "expansion": "expansion_exponent_e"}
-"""Numeric context columns (name key: lower case, letters and digits) the droplet law names: a power-law term
-``(value)^e``. Orifice width and aspect ratio are fields already (``--map``)."""
-OFFSET_TARGETS = {"droplet_um": ("log_droplet_k", 1.0), "diameter_nm": ("log_phi_inorg", -1.0 / 3.0)}
-"""Outcome -> the physics parameter a categorical context shifts per level, and d(log outcome)/d(parameter):
-a chip or regime moves the droplet prefactor, an NC batch the packing (the size scale of the SPs)."""
-BETWEEN_LEVEL_SD = 0.15
-"""Prior median of the between-level sd of a category's offsets, as the log-size change it causes: another
-chip moves droplets by 10-20 % (a chip swap; SCIENCE.md section 3); log-normal prior with a log-sd of 1, so 0.05-0.4 are all plausible."""
 
 
 # --- stages: inputs, outcomes, physics ------------------------------------------------------------
@@ -165,115 +166,10 @@ class JoinedBox:
         return torch.cat([self.head.from_unit(z[..., :k]), self.tail.from_unit(z[..., k:])], -1)
 
 
-@dataclass(frozen=True)
-class LevelOffsets:
-    """A category's per-level offsets on one physics parameter, with a learned between-level sd.
-
-    The offsets are extra linear parameters of the linearised physics: level ``l``'s Jacobian column is
-    its 0/1 indicator times ``gain`` (the shifted parameter's column, constant for the log-linear size
-    laws). Their prior is ``N(0, (sd / gain)^2)`` with ``sd`` (on the log-outcome scale) a hyperparameter
-    fitted with the GP's, under a log-normal prior: hierarchical shrinkage, a level with few runs stays
-    near the population.
-    """
-
-    context: str
-    parameter: str
-    gain: float
-    levels: tuple[str, ...]
-    columns: tuple[int, ...]
-    """Indices of the levels' indicator columns among the stage's inputs."""
-    prior_sd: float = BETWEEN_LEVEL_SD
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(f"{self.parameter}[{self.context}={level}]" for level in self.levels)
-
-
-class LevelOffsetKernel(Kernel):
-    """``sd^2 * [same level]``: the covariance per-level offsets of a category induce on a log outcome."""
-
-    def __init__(self, offsets: LevelOffsets) -> None:
-        super().__init__()
-        self.columns = list(offsets.columns)
-        self.register_parameter("raw_between_sd", torch.nn.Parameter(torch.tensor(math.log(offsets.prior_sd))))
-        self.register_prior(
-            "between_sd_prior",
-            LogNormalPrior(math.log(offsets.prior_sd), 1.0),
-            lambda m: m.between_sd,
-            lambda m, v: m.initialize(raw_between_sd=torch.log(torch.as_tensor(v, dtype=torch.double))),
-        )  # the setter lets BoTorch restart a failed fit from a draw of the prior
-
-    @property
-    def between_sd(self) -> Tensor:
-        return torch.exp(self.raw_between_sd)
-
-    def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params: object) -> Tensor:
-        a, b = x1[..., self.columns], x2[..., self.columns]
-        scale = self.between_sd**2
-        if diag:
-            return scale * (a * b).sum(-1)
-        return scale * (a @ b.transpose(-1, -2))
-
-
 HYPER_SUBSET = 1000
-"""Residual hyperparameters of a fit are set on at most this many runs (the campaign's GPs use 300)."""
-
-
-class ContextGP(PhysicsGP):
-    """:class:`~supraopt.surrogate.PhysicsGP` with per-level offsets of categorical contexts (fit layer only).
-
-    The physics parameters and the offsets are integrated out together; :meth:`parameter_posterior`
-    returns both (offsets last, in parameter units).
-    """
-
-    fit_subset = HYPER_SUBSET
-    """Past-data fits are one-off and pool devices: a residual with that much structure needs more than
-    a 300-run subset to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %)."""
-
-    def __init__(self, *args: Any, offsets: Sequence[LevelOffsets] = (), **kwargs: Any) -> None:
-        self.offsets = tuple(offsets)
-        super().__init__(*args, **kwargs)
-
-    def _modules(self) -> tuple[Any, Kernel]:
-        mean, kernel = super()._modules()
-        for offsets in self.offsets:
-            kernel = kernel + LevelOffsetKernel(offsets)
-        return mean, kernel.to(torch.double)
-
-    def between_sds(self) -> list[float]:
-        """The fitted between-level sd of each category (log-outcome scale)."""
-        if self.model is None:
-            return [o.prior_sd for o in self.offsets]
-        kernels = [k for k in self.model.covar_module.kernels if isinstance(k, LevelOffsetKernel)]
-        return [float(k.between_sd.detach()) for k in kernels]
-
-    def parameter_posterior(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Posterior mean and covariance of the physics parameters, then every level's offset."""
-        if not self.offsets:
-            return super().parameter_posterior(z, y)
-        sds = self.between_sds()
-        var = torch.cat(
-            [self.prior_sd**2]
-            + [
-                torch.full((len(o.levels),), (sd / abs(o.gain)) ** 2, dtype=torch.double)
-                for o, sd in zip(self.offsets, sds, strict=True)
-            ]
-        )
-        prior_mean = torch.cat([self.prior_mean, torch.zeros(len(var) - len(self.prior_mean), dtype=torch.double)])
-        if self.model is None or z.shape[0] == 0:
-            return prior_mean, torch.diag(var)
-        with torch.no_grad():
-            model = self.model
-            j = physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
-            j = torch.cat([j] + [o.gain * z[:, list(o.columns)] for o in self.offsets], -1)
-            k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
-            chol = torch.linalg.cholesky(k + 1e-9 * torch.eye(len(k), dtype=k.dtype))
-            resid = (y - model.mean_module(z)).unsqueeze(-1)
-            sj = j * var
-            a = torch.cholesky_solve(sj, chol)
-            mean = prior_mean + (a.transpose(0, 1) @ resid).squeeze(-1)
-            cov = torch.diag(var) - sj.transpose(0, 1) @ a
-        return mean, 0.5 * (cov + cov.T)
+"""Residual hyperparameters of a fit are set on at most this many runs (the campaign's GPs use 300): past-data
+fits are one-off and pool devices, and a residual with that much structure needs more than a 300-run subset
+to set its lengthscales (5-fold CV MAPE on the 998-run DAFD set 6.4 -> 6.0 %)."""
 
 
 @dataclass(frozen=True)
@@ -292,21 +188,38 @@ class Outcome:
     prior: tuple[Tensor, Tensor]
     residual: ResidualPrior
     relinearise: int = 0
-    offsets: tuple[LevelOffsets, ...] = ()
-    """Categorical contexts' per-level offsets on this outcome's physics."""
+    parts: tuple[LinearPart, ...] = ()
+    """Contexts in this outcome's physics: categories' level offsets, named numbers' power-law terms."""
+    effects: Mapping[str, ContextEffect] = field(default_factory=dict)
+    """Category -> its effect (the prior of its between-level sd)."""
 
-    def gp(self, space: InputBox | SearchSpace | JoinedBox, physics_only: bool = False) -> ContextGP:
+    def gp(self, space: InputBox | SearchSpace | JoinedBox, physics_only: bool = False) -> PhysicsGP:
         """The physics + GP model, or with the residual switched off (its misfit then counts as noise)."""
         residual = ResidualPrior(sd=1e-4, noise_sd=self.residual.sd) if physics_only else self.residual
         if space.dim > 3:
             # typical distances in a d-dimensional unit cube grow like sqrt(d): so does the prior lengthscale
             # (Hvarfner et al. 2024; BoTorch's default since 0.12), else extra inputs make small fits wiggly
             residual = replace(residual, lengthscale_mean=residual.lengthscale_mean * math.sqrt(space.dim / 3))
-        return ContextGP(self.fn, self.prior, self.names, space, residual, offsets=self.offsets)
+        gp = PhysicsGP(self.fn, self.prior, self.names, space, residual)
+        gp.fit_subset = HYPER_SUBSET
+        return add_parts(gp, self.parts) if self.parts else gp
+
+    def fit(
+        self, space: InputBox | SearchSpace | JoinedBox, z: Tensor, rows: Any, physics_only: bool = False
+    ) -> PhysicsGP:
+        """:meth:`gp` fitted to the runs ``rows`` (indices into ``z``), the between-level sds learned."""
+        gp = self.gp(space, physics_only).fit(z[rows], self.y[rows], self.yvar[rows], relinearise=self.relinearise)
+        levels: dict[str, set[int]] = {name: set() for name in self.effects}
+        for part in self.parts:
+            if part.context and bool((z[rows, part.column] > 0.5).any()):
+                levels[part.context].add(part.column)
+        seen = {name: len(columns) for name, columns in levels.items()}
+        learn_tau(gp, z[rows], self.y[rows], self.effects, seen)
+        return gp
 
     @property
     def all_names(self) -> tuple[str, ...]:
-        return self.names + tuple(n for o in self.offsets for n in o.names)
+        return self.names + tuple(part.name for part in self.parts)
 
 
 @dataclass(frozen=True)
@@ -354,18 +267,42 @@ def context_columns(runs: Runs, ok: pd.DataFrame) -> tuple[list[str], Tensor, li
     return names, x, linear, indicator
 
 
-def _offsets(runs: Runs, names: Sequence[str], outcome: str) -> tuple[LevelOffsets, ...]:
-    """Per-level offsets of every category on the parameter it shifts for ``outcome``."""
-    parameter, gain = OFFSET_TARGETS[outcome]
-    found = []
+ContextPriors = tuple[Mapping[str, ContextEffect], Mapping[str, PhysicsTerm]]
+"""A preset's ``[context_effects]`` and ``[context_terms]`` (:func:`context_priors`)."""
+
+
+def context_priors(model: str) -> ContextPriors:
+    """What the preset says contexts do: :func:`~supraopt.context.load_effects` and :func:`~supraopt.context.load_terms`."""
+    return load_effects(model), load_terms(model)
+
+
+def _parts(
+    runs: Runs, names: Sequence[str], physics_names: Sequence[str], priors: ContextPriors, *, size: bool
+) -> tuple[tuple[LinearPart, ...], dict[str, ContextEffect]]:
+    """The contexts' parts of one outcome's physics (named numbers' terms, then categories' level offsets)
+    and each category's effect. ``names``: the stage's inputs; ``physics_names``: the outcome's parameters."""
+    effects, terms = priors
+    parts: list[LinearPart] = []
+    used: dict[str, ContextEffect] = {}
+    if size:
+        for context in runs.contexts:
+            term = term_for(context.column, terms) if context.kind != CATEGORY else None
+            if term is None or context.key not in names or term.parameter in physics_names:
+                continue
+            if bool((runs.ok()[context.key] > 0).all()):  # ln(value): a term only for positive values
+                parts.append(term_part(term, names.index(context.key)))
     for context in runs.contexts:
         if context.kind == CATEGORY:
-            columns = tuple(names.index(f"{context.column}={level}") for level in context.levels)
-            found.append(LevelOffsets(context.column, parameter, gain, context.levels, columns))
-    return tuple(found)
+            effect = effect_for(context.column, effects)
+            columns = [names.index(f"{context.column}={level}") for level in context.levels]
+            found = level_parts(context.column, context.levels, columns, effect, physics_names, size=size)
+            if found:
+                parts += found
+                used[context.column] = effect
+    return tuple(parts), used
 
 
-def sp_stage(runs: Runs, preset: Preset) -> Stage:
+def sp_stage(runs: Runs, preset: Preset, priors: ContextPriors) -> Stage:
     """Concentration, flow ratio, temperature (and contexts) -> SP diameter (and PDI when measured)."""
     ok = runs.ok()
     everything = runs.frame  # failed runs widen the box: the feasibility map needs them inside it
@@ -388,18 +325,20 @@ def sp_stage(runs: Runs, preset: Preset) -> Stage:
         return physics.log_pdi_pct(x, theta, preset)
 
     diameter = torch.tensor(ok["diameter_nm"].to_numpy(float), dtype=torch.double)
+    size_parts = _parts(runs, inputs, physics.SIZE_PARAMETERS, priors, size=True)
     outcomes = [
         Outcome(
             "diameter_nm", "SP diameter", "nm", torch.log(diameter), size_noise_var(pdi, n), size_fn,
-            physics.SIZE_PARAMETERS, preset.prior(physics.SIZE_PARAMETERS), SIZE_RESIDUAL,
-            offsets=_offsets(runs, inputs, "diameter_nm"),
+            physics.SIZE_PARAMETERS, preset.prior(physics.SIZE_PARAMETERS), SIZE_RESIDUAL, 0,
+            *size_parts,
         )
     ]  # fmt: skip
     if "pdi_pct" in ok:
         outcomes.append(
             Outcome(
                 "pdi_pct", "PDI", "%", torch.log(pdi), pdi_noise_var(n), pdi_fn,
-                physics.PDI_PARAMETERS, preset.prior(physics.PDI_PARAMETERS), PDI_RESIDUAL, relinearise=1,
+                physics.PDI_PARAMETERS, preset.prior(physics.PDI_PARAMETERS), PDI_RESIDUAL, 1,
+                *_parts(runs, inputs, physics.PDI_PARAMETERS, priors, size=False),
             )
         )  # fmt: skip
     return Stage("supraparticle", inputs, x, box, tuple(ok["row"]), tuple(outcomes), contexts=runs.contexts)
@@ -410,21 +349,14 @@ def _column(frame: pd.DataFrame, name: str, default: float) -> Tensor:
     return torch.tensor(values, dtype=torch.double)
 
 
-def droplet_law(
-    inputs: Sequence[str],
-    width_um: float | None,
-    reference_temperature_c: float,
-    extra_terms: Sequence[str] = (),
-) -> PhysicsFn:
+def droplet_law(inputs: Sequence[str], width_um: float | None, reference_temperature_c: float) -> PhysicsFn:
     """``ln d_drop = ln k + ln w - a ln r + b ln Ca + c ln(h/w) + b_T (T - T_ref)/10`` over the given inputs.
 
-    ``theta`` holds ``ln k`` then one parameter per input in :data:`DROPLET_TERMS` order, then one
-    power-law exponent per input named in ``extra_terms`` (numeric contexts the law names, e.g. the
-    expansion ratio); the orifice width comes from the inputs when it varies, else it is the constant
-    ``width_um``.
+    ``theta`` holds ``ln k`` then one parameter per input in :data:`DROPLET_TERMS` order; the orifice
+    width comes from the inputs when it varies, else it is the constant ``width_um``. (Numeric contexts
+    the physics names, e.g. the expansion ratio, are added as parts: :func:`_parts`.)
     """
     terms = [(inputs.index(name), name) for name in DROPLET_TERMS if name in inputs]
-    terms += [(inputs.index(name), name) for name in extra_terms]
     width_index = inputs.index("orifice_width_um") if "orifice_width_um" in inputs else None
 
     def fn(x: Tensor, theta: Tensor) -> Tensor:
@@ -444,17 +376,12 @@ def droplet_law(
     return fn
 
 
-def droplet_context_term(context: Context) -> str | None:
-    """The droplet-law parameter a numeric context names (expansion ratio), else None."""
-    key = re.sub(r"[^a-z0-9]", "", context.column.lower())
-    return DROPLET_CONTEXT_TERMS.get(key) if context.kind != CATEGORY else None
-
-
-def droplet_stage(runs: Runs, preset: Preset) -> Stage | None:
+def droplet_stage(runs: Runs, preset: Preset, priors: ContextPriors) -> Stage | None:
     """Flow ratio and whatever else varies (Ca, orifice width, aspect ratio, temperature) -> droplet diameter.
 
-    Contexts follow: numbers the law names get a power-law term, every number is a GP input, every
-    category per-level offsets on ``log_droplet_k`` (and 0/1 GP inputs). None when no input varies.
+    Contexts follow: numbers the preset names get a power-law term, every number is a GP input, every
+    category per-level offsets where its effect is in the droplet law (``log_droplet_k`` or the scale;
+    an NC batch moves no droplet) and 0/1 GP inputs. None when no input varies.
     """
     ok = runs.ok()
     settings = tuple(c for c in DROPLET_INPUTS if c in ok and ok[c].nunique() > 1)
@@ -465,12 +392,7 @@ def droplet_stage(runs: Runs, preset: Preset) -> Stage | None:
         width = float(ok["orifice_width_um"].iloc[0]) if "orifice_width_um" in ok else preset.nozzle_um
     extra, x_extra, linear, indicator = context_columns(runs, ok)
     inputs = (*settings, *extra)
-    named = [(c.key, term) for c in runs.contexts if (term := droplet_context_term(c)) and c.key in inputs]
-    names = (
-        "log_droplet_k",
-        *(DROPLET_TERMS[c] for c in DROPLET_TERMS if c in inputs),
-        *(term for _, term in named),
-    )
+    names = ("log_droplet_k", *(DROPLET_TERMS[c] for c in DROPLET_TERMS if c in inputs))
     pairs = [preset.priors.get(n) or DROPLET_PRIORS[n] for n in names]
     if not runs.has_sp and "orifice_width_um" not in ok:  # someone else's device, width unknown: k * w is too
         pairs[0] = (pairs[0][0], UNKNOWN_DEVICE_LOG_K_SD)
@@ -478,12 +400,12 @@ def droplet_stage(runs: Runs, preset: Preset) -> Stage | None:
     x = torch.tensor(ok[list(settings)].to_numpy(float), dtype=torch.double)
     x = torch.cat([x, x_extra], -1)
     y = torch.log(torch.tensor(ok["droplet_um"].to_numpy(float), dtype=torch.double))
-    law = droplet_law(inputs, width, preset.reference_temperature_c, [key for key, _ in named])
+    law = droplet_law(inputs, width, preset.reference_temperature_c)
     outcome = Outcome(
         "droplet_um", "droplet diameter", "µm", y, torch.full_like(y, DROPLET_NOISE_SD**2),
-        law, names, (prior[0], prior[1]), DROPLET_RESIDUAL, offsets=_offsets(runs, inputs, "droplet_um"),
+        law, names, (prior[0], prior[1]), DROPLET_RESIDUAL, 0, *_parts(runs, inputs, names, priors, size=True),
     )  # fmt: skip
-    own = set(names) <= set(physics.DROPLET_PARAMETERS) and width == preset.nozzle_um
+    own = set(outcome.all_names) <= set(physics.DROPLET_PARAMETERS) and width == preset.nozzle_um
     box = InputBox(inputs, x, linear, indicator)
     return Stage("droplet", inputs, x, box, tuple(ok["row"]), (outcome,), own, runs.contexts)
 
@@ -547,7 +469,7 @@ class StageFit:
     """One stage fitted to all its runs, with its cross-validation (None when skipped)."""
 
     stage: Stage
-    gps: dict[str, ContextGP]
+    gps: dict[str, PhysicsGP]
     """Outcome column -> the physics + GP model fitted to all runs."""
     posteriors: dict[str, Posterior]
     cv: CVResult | None
@@ -621,17 +543,11 @@ def fit_stage(stage: Stage, folds: int = 5, seed: int = 0) -> StageFit:
     gps, posteriors, scales = {}, {}, {}
     with quiet_fitting():
         for o in stage.outcomes:
-            gp = o.gp(stage.space)
-            gp.fit(z, o.y, o.yvar, relinearise=o.relinearise)
+            gp = o.fit(stage.space, z, slice(None))
             mean, cov = gp.parameter_posterior(z, o.y)
-            sds = [
-                torch.full((len(off.levels),), sd / abs(off.gain))
-                for off, sd in zip(o.offsets, gp.between_sds(), strict=True)
-            ]
-            prior_mean = torch.cat([o.prior[0], torch.zeros(len(mean) - len(o.prior[0]), dtype=torch.double)])
-            prior_sd = torch.cat([o.prior[1], *sds]).to(torch.double)
             gps[o.column] = gp
-            posteriors[o.column] = Posterior(o.all_names, prior_mean, prior_sd, mean, cov)
+            # the level offsets' prior sd is their between-level sd as learned
+            posteriors[o.column] = Posterior(gp.names, gp.prior_mean.clone(), gp.prior_sd.clone(), mean, cov)
             scales[o.column] = loo_scale(gp, z, o.y)
     cv = cross_validate(stage, folds, seed) if folds >= 2 and len(stage.rows) >= 4 else None
     return StageFit(stage, gps, posteriors, cv, scales)
@@ -646,8 +562,7 @@ def _split_predictions(stage: Stage, train: np.ndarray, test: np.ndarray) -> lis
             if model == "GP only":
                 mean, var = _gp_only(z[train], o.y[train], z[test])
             else:
-                gp = o.gp(stage.space, physics_only=model == "physics only")
-                gp.fit(z[train], o.y[train], o.yvar[train], relinearise=o.relinearise)
+                gp = o.fit(stage.space, z, train, physics_only=model == "physics only")
                 mean, var = _predict(gp, z[test], o.yvar[test], loo_scale(gp, z[train], o.y[train]))
             mean, sd = mean.detach(), var.detach().clamp_min(1e-12).sqrt()
             part = pd.DataFrame(
@@ -771,29 +686,76 @@ class FitResult:
         lines = []
         for stage in self.stages():
             for context in stage.stage.contexts:
-                if context.kind == CATEGORY:
-                    used = []
-                    for column, gp in stage.gps.items():
-                        offsets = next((o for o in gp.offsets if o.context == context.column), None)
-                        if offsets is not None:
-                            sd = gp.between_sds()[gp.offsets.index(offsets)]
-                            used.append(
-                                f"offsets on {offsets.parameter} (between-level sd of {column} {sd:.3g} on the log scale)"
-                            )
-                    how = "; ".join(used) or "GP input"
-                    lines.append(
-                        f"{stage.stage.name} stage: {context.column} (category, {len(context.levels)} levels): {how} and GP input"
-                    )
-                else:
-                    term = droplet_context_term(context) if stage.stage.name == "droplet" else None
-                    how = f"GP input and power-law term {term}" if term else "GP input"
-                    lines.append(f"{stage.stage.name} stage: {context.column} (number): {how}")
+                used = []
+                for o in stage.stage.outcomes:
+                    gp = stage.gps[o.column]
+                    for parameter in dict.fromkeys(p.parameter for p in o.parts if p.context == context.column):
+                        i = gp.names.index(f"{parameter}[{context.column}={context.levels[0]}]")
+                        used.append(
+                            f"offsets on {parameter} of {o.column} (between-level sd {float(gp.prior_sd[i]):.3g})"
+                        )
+                    if context.key in stage.stage.inputs:
+                        column = stage.stage.inputs.index(context.key)
+                        used += [
+                            f"power-law term {p.name} of {o.column}"
+                            for p in o.parts
+                            if p.reference and p.column == column
+                        ]
+                kind = f"category, {len(context.levels)} levels" if context.kind == CATEGORY else "number"
+                how = "; ".join([*used, "GP input"])
+                lines.append(f"{stage.stage.name} stage: {context.column} ({kind}): {how}")
         return lines
+
+    def context_transfer(self, floor: float = TRANSFER_FLOOR) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+        """What ``--into`` carries of the contexts: the new campaign's ``[context]`` (name -> kind), and the
+        preset's ``[context_effects]`` and ``[context_terms]`` entries the fit learned.
+
+        A category's entry holds its fitted between-level sd as ``tau`` and every level's offset as
+        ``levels`` (posterior mean, sd at least ``floor`` x tau: another day), so a known chip starts
+        calibrated and a new one from the population. A named number's term carries its exponent.
+        """
+        fitted = self.sp if self.sp is not None else self.droplet
+        kinds = {c.column: c.kind for c in self.runs.contexts}
+        effects: dict[str, Any] = {}
+        terms: dict[str, Any] = {}
+        if fitted is None:
+            return kinds, effects, terms
+        for o in fitted.stage.outcomes:
+            gp, post = fitted.gps[o.column], fitted.posteriors[o.column]
+            for context in self.runs.contexts:
+                parts = [p for p in o.parts if p.context == context.column]
+                if not parts:
+                    continue
+                parameter = parts[0].parameter
+                tau = float(gp.prior_sd[gp.names.index(parts[0].name)])
+                levels = {}
+                for level in context.levels:
+                    i = post.names.index(f"{parameter}[{context.column}={level}]")
+                    levels[level] = [_round(float(post.mean[i])), _round(max(float(post.sd[i]), floor * tau))]
+                effect = o.effects[context.column]
+                effects[context.column.lower()] = {
+                    "parameters": [parameter],
+                    "tau": _round(tau),
+                    "tau_log_sd": effect.tau_log_sd,
+                    "levels": levels,
+                }
+            for part in o.parts:
+                if part.reference is not None:
+                    column = fitted.stage.inputs[part.column]
+                    i = post.names.index(part.name)
+                    sd = max(float(post.sd[i]), floor * part.prior[1])
+                    name = next(c.column for c in self.runs.contexts if c.key == column)
+                    terms[name] = {
+                        "parameter": part.name,
+                        "prior": [_round(float(post.mean[i])), _round(sd)],
+                        "reference": part.reference,
+                    }
+        return kinds, effects, terms
 
     def prior_updates(self, floor: float = TRANSFER_FLOOR) -> dict[str, tuple[float, float]]:
         """Preset parameter -> (posterior mean, max(posterior sd, floor x preset sd)) for a new campaign."""
         base = Preset.load(self.model)
-        problem = transfer_problem(self.runs, base)
+        problem = transfer_problem(self.runs, self.model)
         if problem is not None:
             raise InputError(problem)
         if self.sp is not None:
@@ -804,14 +766,14 @@ class FitResult:
         updates = {}
         for p in posteriors:
             for i, name in enumerate(p.names):
-                if name not in base.priors:  # a context's level offsets: the campaign has no such level (yet)
+                if name not in base.priors:  # a context's level offsets and terms: see context_transfer
                     continue
                 sd = max(float(p.sd[i]), floor * base.priors[name][1])
                 updates[name] = (float(p.mean[i]), sd)
         return updates
 
 
-def transfer_problem(runs: Runs, preset: Preset) -> str | None:
+def transfer_problem(runs: Runs, model: str) -> str | None:
     """Why a fit of these runs cannot seed a campaign on ``preset`` (``fit --into``), None when it can.
 
     Known before any fitting, so ``fit --into`` refuses at once. SP diameters always transfer. Droplet
@@ -823,7 +785,8 @@ def transfer_problem(runs: Runs, preset: Preset) -> str | None:
     """
     if runs.has_sp:
         return None
-    stage = droplet_stage(runs, preset) if runs.has_droplets else None
+    preset = Preset.load(model)
+    stage = droplet_stage(runs, preset, context_priors(model)) if runs.has_droplets else None
     if stage is None:
         return "the droplet sizes have no varying flow condition, so there is nothing to transfer; --into needs SP diameters."
     same_law = set(stage.outcomes[0].all_names) <= set(physics.DROPLET_PARAMETERS)
@@ -856,9 +819,14 @@ def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> Non
         Target(float(target_nm))  # a bad target fails here, not after the fit
     except SpecError as error:
         raise InputError(f"--target-nm {target_nm:g}: {error}") from None
-    problem = transfer_problem(runs, Preset.load(model))
+    problem = transfer_problem(runs, model)
     if problem is not None:
         raise InputError(problem)
+    for context in runs.contexts:
+        try:
+            validate_context({context.column: "x"}, "--context")
+        except InputError as error:
+            raise InputError(f"{error} --into declares it in campaign.toml [context]: rename the column.") from None
 
 
 def fit_runs(
@@ -881,10 +849,11 @@ def fit_runs(
         draws: repeats of the ``train_rows`` fit.
     """
     preset = Preset.load(model)
+    priors = context_priors(model)
     notes = list(runs.notes)
     droplet = sp = feasibility = None
     if runs.has_droplets:
-        stage = droplet_stage(runs, preset)
+        stage = droplet_stage(runs, preset, priors)
         if stage is None:
             notes.append("droplet diameters are given, but no flow condition varies: no droplet-stage fit.")
         else:
@@ -901,7 +870,7 @@ def fit_runs(
                 "from SP diameters alone only log_droplet_k - log_phi_inorg/3 and droplet_temp_per_10c + "
                 "packing_temp_per_10c are identified; their parts lean on the priors (droplet sizes would split them)."
             )
-        stage = sp_stage(runs, preset)
+        stage = sp_stage(runs, preset, priors)
         sp = fit_stage(stage, folds, seed)
         failed = runs.frame[runs.frame["failed"] != ""]
         x_failed = torch.tensor(failed[list(SP_INPUTS)].to_numpy(float), dtype=torch.double).reshape(-1, 3)
@@ -960,6 +929,15 @@ def write_tables(result: FitResult, out: Path) -> list[Path]:
     return written
 
 
+def _round(value: float) -> float:
+    return float(f"{value:.6g}")
+
+
+def _key(key: str) -> str:
+    """A TOML key: bare when it can be, else quoted."""
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else json.dumps(key, ensure_ascii=False)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -970,7 +948,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):  # an inline table, e.g. a [context_effects] entry
-        return "{ " + ", ".join(f"{key} = {_toml(v)}" for key, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_key(str(key))} = {_toml(v)}" for key, v in value.items()) + " }"
     raise InputError(f"cannot write {value!r} to a preset file.")
 
 
@@ -980,6 +958,11 @@ def write_prior(result: FitResult, path: Path, floor: float = TRANSFER_FLOOR) ->
     updates = result.prior_updates(floor)
     priors = {name: list(pair) for name, pair in data["priors"].items()}
     priors.update({name: [float(f"{mean:.6g}"), float(f"{sd:.6g}")] for name, (mean, sd) in updates.items()})
+    _, effects, terms = result.context_transfer(floor)
+    if effects:
+        data["context_effects"] = {**data.get("context_effects", {}), **effects}
+    if terms:
+        data["context_terms"] = {**data.get("context_terms", {}), **terms}
     lines = [
         f"# Fitted by 'supraopt fit' from {result.runs.source} ({len(result.runs.frame)} runs), starting from preset",
         f"# {result.model!r}. Priors: posterior mean, sd = max(posterior sd, {floor:g} x preset sd) to stay humble",
@@ -992,7 +975,7 @@ def write_prior(result: FitResult, path: Path, floor: float = TRANSFER_FLOOR) ->
             continue
         lines += ["", f"[{table}]"]
         source = priors if table == "priors" else values
-        lines += [f"{key} = {_toml(value)}" for key, value in source.items()]
+        lines += [f"{_key(key)} = {_toml(value)}" for key, value in source.items()]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return updates
 
@@ -1012,9 +995,31 @@ def seed_campaign(result: FitResult, directory: str | Path, target_nm: float, **
     directory = Path(directory)
     check_into(result.runs, result.model, directory, target_nm)
     result.prior_updates()  # fails early, before anything is written, when there is nothing to transfer
+    kinds, _, _ = result.context_transfer()
     directory.mkdir(parents=True, exist_ok=True)
     write_prior(result, directory / PRIOR_FILE)
-    return Campaign.create(directory, PRIOR_FILE, target_nm, **options)
+    context = {name: ContextVariable(kind) for name, kind in kinds.items()}
+    return Campaign.create(directory, PRIOR_FILE, target_nm, context=context, **options)
+
+
+def transfer_summary(result: FitResult) -> list[str]:
+    """What ``--into`` carried into the new campaign, one line per item (for the command's output)."""
+    kinds, effects, terms = result.context_transfer()
+    lines = [f"physics priors: {', '.join(result.prior_updates())}"]
+    for name, kind in kinds.items():
+        effect, term = effects.get(name.lower()), terms.get(name)
+        if effect is not None:
+            levels = ", ".join(f"{level} {mean:+.3g} ± {sd:.2g}" for level, (mean, sd) in effect["levels"].items())
+            how = (
+                f"level offsets on {effect['parameters'][0]} ({levels}; a new level starts from the population, "
+                f"between-level sd {effect['tau']:.3g})"
+            )
+        elif term is not None:
+            how = f"power-law term {term['parameter']} {term['prior'][0]:.3g} ± {term['prior'][1]:.2g}"
+        else:
+            how = "declared only (a GP input once runs state it)"
+        lines.append(f"context {name} ({kind}) in campaign.toml [context]: {how}")
+    return lines
 
 
 __all__ = [
@@ -1030,6 +1035,7 @@ __all__ = [
     "read_runs",
     "seed_campaign",
     "sp_stage",
+    "transfer_summary",
     "write_prior",
     "write_tables",
 ]

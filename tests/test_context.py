@@ -242,6 +242,31 @@ def test_a_new_chip_starts_from_the_population_and_one_run_calibrates_it(campaig
     assert abs(after["A"][0] / truth_a - 1) < 0.03  # chip A's runs are still chip A's
 
 
+def test_a_numeric_context_the_physics_names_is_a_power_law_term_of_the_size(campaign: Campaign) -> None:
+    """The preset's [context_terms] names the expansion ratio: campaigns fit the same term as ``supraopt fit``,
+    ``e * ln(ratio)`` on the log droplet (hence SP) size, and predict a ratio never run from it."""
+    world = World.default()
+    rng = torch.Generator().manual_seed(4)
+    z = torch.rand(12, 3, generator=rng, dtype=torch.double) * 0.5 + 0.25
+    for i, settings in enumerate(campaign.space.settings(campaign.space.from_unit(z))):
+        c, r, t = settings.values()
+        ratio = (2.0, 3.0, 4.0)[i % 3]
+        diameter = float(world.diameter_nm(c, r, t)) * ratio**0.3
+        campaign.add_run(
+            settings, Measurement(diameter, float(world.pdi_pct(c, r, t)), 100), context={"expansion": ratio}
+        )
+    posterior = campaign.physics_posterior()
+    e, e_sd, prior_mean, prior_sd = posterior["expansion_exponent_e"]
+    assert (prior_mean, prior_sd) == (0.0, 0.3) and e_sd < 0.1 and abs(e - 0.3) < 3 * e_sd, (e, e_sd)
+    surrogates = campaign.fit(context={"expansion": 8.0})  # outside the ratios run: the physics term extrapolates
+    assert "expansion_exponent_e" in surrogates.size.names and "expansion_exponent_e" not in surrogates.pdi.names
+    settings = {"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}
+    with torch.no_grad():
+        mean, _ = surrogates.size.moments(campaign.space.to_unit(campaign.space.tensor([settings])))
+    truth = float(world.diameter_nm(4.0, 5.0, 40.0)) * 8.0**0.3
+    assert abs(math.exp(float(mean[0])) / truth - 1) < 0.06
+
+
 def test_without_context_the_model_is_the_plain_one(campaign: Campaign) -> None:
     _runs_on(campaign, World.default(), {}, 3, seed=3)
     surrogates = campaign.fit()

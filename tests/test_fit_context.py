@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from supraopt import physics
+from supraopt.campaign import Campaign
 from supraopt.cli import app
 from supraopt.errors import InputError
 from supraopt.fit import fit_runs, holdout, seed_campaign
@@ -237,3 +238,57 @@ def test_into_with_a_bad_target_fails_before_the_fit(tmp_path):
     )
     assert result.exit_code == 1 and result.output.startswith("error:")
     assert not out.exists()
+
+
+def chip_sps(preset: Preset, n: int, seed: int, shifts: dict[str, float]) -> pd.DataFrame:
+    """SP sizes of the preset's physics on several chips whose droplet prefactor differs by ``shifts`` (ln k)."""
+    rng = np.random.default_rng(seed)
+    chip = np.resize(list(shifts), n)
+    x = np.column_stack(
+        [
+            np.exp(rng.uniform(math.log(2.5), math.log(7), n)),
+            np.exp(rng.uniform(0, math.log(15), n)),
+            rng.uniform(20, 70, n),
+        ]
+    )
+    theta = preset.prior(physics.SIZE_PARAMETERS)[0].repeat(n, 1)
+    theta[:, 0] += torch.tensor([shifts[c] for c in chip], dtype=torch.double)
+    log_d = torch.stack([physics.log_sp_diameter_nm(torch.tensor(x[i : i + 1]), theta[i], preset)[0] for i in range(n)])
+    frame = pd.DataFrame({"c (mg/mL)": x[:, 0], "Qc/Qd": x[:, 1], "T (C)": x[:, 2], "chip": chip})
+    frame["diameter_nm"] = np.exp(log_d.numpy() + rng.normal(0, 0.015, n))
+    return frame
+
+
+def test_into_carries_each_chip_and_the_spread_between_chips_into_the_campaign(tmp_path, preset):
+    """A known chip starts calibrated in the new campaign, a new chip from the population (wider)."""
+    shifts = {"A": -0.2, "B": 0.2}
+    path = write(tmp_path / "sp.csv", chip_sps(preset, 30, seed=3, shifts=shifts))
+    out, into = tmp_path / "out", tmp_path / "next"
+    args = ["fit", str(path), "--context", "chip", "--folds", "0", "--no-plots", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--into", str(into), "--target-nm", "450"])
+    assert result.exit_code == 0, result.output
+    assert "context chip (category)" in result.output and "level offsets on log_droplet_k" in result.output
+    with Campaign.open(into) as campaign:
+        assert {n: v.kind for n, v in campaign.spec.context.items()} == {"chip": "category"}
+        z = campaign.space.to_unit(
+            campaign.space.tensor([{"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}])
+        )
+        predicted = {}
+        for chip in ("A", "B", "new"):
+            with torch.no_grad():
+                mean, var = campaign.fit(context={"chip": chip}).size.moments(z)
+            predicted[chip] = (float(mean[0]), float(var[0]) ** 0.5)
+    # the droplet prefactor moves the log SP size one for one
+    assert abs(predicted["B"][0] - predicted["A"][0] - 0.4) < 0.1, predicted
+    assert predicted["new"][1] > 1.15 * max(predicted["A"][1], predicted["B"][1]), predicted
+    assert min(predicted["A"][0], predicted["B"][0]) < predicted["new"][0] < max(predicted["A"][0], predicted["B"][0])
+
+
+def test_into_refuses_a_context_name_a_campaign_cannot_declare_and_writes_nothing(tmp_path, preset):
+    frame = chip_sps(preset, 12, seed=4, shifts={"A": 0.0, "B": 0.1}).rename(columns={"chip": "chip id"})
+    path = write(tmp_path / "sp.csv", frame)
+    out, into = tmp_path / "out", tmp_path / "next"
+    args = ["fit", str(path), "--context", "chip id", "--out", str(out), "--into", str(into), "--target-nm", "450"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1 and "'chip id'" in result.output and "rename the column" in result.output
+    assert not out.exists() and not into.exists()

@@ -40,6 +40,7 @@ def frame_table(frame: Any, title: str, index: str | None = None) -> Table:
     other cells wrap instead.
     """
     from rich import box
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
@@ -50,7 +51,7 @@ def frame_table(frame: Any, title: str, index: str | None = None) -> Table:
         table.add_column(column, justify="right", overflow="fold", min_width=max(len(w) for w in column.split()))
     for key, row in frame.iterrows():
         cells = [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row]
-        table.add_row(*([str(key)] if index else []), *cells)
+        table.add_row(*([escape(str(key))] if index else []), *map(escape, cells))  # log_droplet_k[chip=A]
     return table
 
 
@@ -104,7 +105,14 @@ def fit_command(
 
     with user_errors():
         from supraopt import plots
-        from supraopt.fit import check_into, check_new_campaign_dir, fit_runs, seed_campaign, write_tables
+        from supraopt.fit import (
+            check_into,
+            check_new_campaign_dir,
+            fit_runs,
+            seed_campaign,
+            transfer_summary,
+            write_tables,
+        )
         from supraopt.pastdata import parse_contexts, parse_pairs, read_runs
         from supraopt.paths import check_input_file, check_new_folder, check_output_folder
         from supraopt.physics import Preset
@@ -157,8 +165,10 @@ def fit_command(
         written = write_tables(result, out)
         if draw:
             written += plots.write(plots.fit_figures(result), out)
+        carried: list[str] = []
         if into is not None and target_nm is not None:
             seed_campaign(result, into, target_nm).close()
+            carried = transfer_summary(result)
     failed = int((runs.frame["failed"] != "").sum())
     console.print(f"{len(runs.frame)} runs ({failed} failed), preset {model}.", highlight=False)
     for note in result.notes:
@@ -176,7 +186,7 @@ def fit_command(
         print_legend("prior: mean ± sd · fitted: MAP ± sd · sd ratio: fitted sd / prior sd (small = learned)")
     used = result.context_summary()
     for line in used:
-        console.print(f"context: {line}", highlight=False, soft_wrap=True)
+        console.print(f"context: {line}", highlight=False, soft_wrap=True, markup=False)
     contexts_said = "contexts: " + (", ".join(c.column for c in runs.contexts) or "none")
     for stage in result.stages():
         if stage.cv is not None:
@@ -192,8 +202,11 @@ def fit_command(
     console.print(f"Wrote {len(written)} files to {out}/: {', '.join(p.name for p in written)}", highlight=False)
     if into is not None:
         console.print(
-            f"Created campaign {into} with the fitted prior ({into}/prior.toml). Next: supraopt suggest {into}"
+            f"Created campaign {into} with the fitted prior ({into}/prior.toml). It carries:", highlight=False
         )
+        for line in carried:
+            console.print(f"  {line}", highlight=False, soft_wrap=True, markup=False)
+        console.print(f"Next: supraopt suggest {into}", highlight=False)
 
 
 @app.command("plot")
