@@ -1,8 +1,8 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Playwright.
 
 One ``supraopt dashboard DIR DIR --port N`` process (the CLI contract) and one browser for the module.
-Writes the README's screenshots (docs/dashboard-overview.png, docs/dashboard-campaign.png), so they
-never go stale. Without /usr/bin/chromium or playwright the tests skip, except in CI (CI=true), where
+With SUPRAOPT_SCREENSHOTS=1 it writes the README's screenshots (docs/dashboard-overview.png,
+docs/dashboard-campaign.png); otherwise into a temporary folder, so a test run leaves the clone clean. Without /usr/bin/chromium or playwright the tests skip, except in CI (CI=true), where
 that is an error: ``make test`` installs Chromium through .ci/ensure-chromium.
 """
 
@@ -124,15 +124,18 @@ def page(browser: Any) -> Iterator[Any]:
     assert problems == [], problems
 
 
-def test_pages_load_show_the_runs_and_make_the_screenshots(page: Any, server: str, campaigns: list[Path]) -> None:
+def test_pages_load_show_the_runs_and_make_the_screenshots(
+    page: Any, server: str, campaigns: list[Path], tmp_path: Path
+) -> None:
+    shots = DOCS if os.environ.get("SUPRAOPT_SCREENSHOTS") else tmp_path
     page.goto(server)
     rows = page.locator("#campaigns tbody tr")
     assert rows.count() == 2
     assert "cspbbr3-450nm" in rows.nth(0).inner_text() and "cspbbr3-pilot" in rows.nth(1).inner_text()
     page.wait_for_timeout(1200)  # one poll of the live version
-    DOCS.mkdir(exist_ok=True)
+    shots.mkdir(exist_ok=True)
     page.set_viewport_size({"width": 1360, "height": 360})
-    page.screenshot(path=str(DOCS / "dashboard-overview.png"))
+    page.screenshot(path=str(shots / "dashboard-overview.png"))
     page.set_viewport_size({"width": 1360, "height": 1650})
 
     page.click("text=cspbbr3-450nm")
@@ -155,7 +158,7 @@ def test_pages_load_show_the_runs_and_make_the_screenshots(page: Any, server: st
     page.click("#maps-button")  # refits the model: seconds
     page.wait_for_selector("#map-hit .main-svg", timeout=180_000)
     page.wait_for_selector("#map-diameter .heatmaplayer", state="attached")
-    page.screenshot(path=str(DOCS / "dashboard-campaign.png"))
+    page.screenshot(path=str(shots / "dashboard-campaign.png"))
 
 
 def test_a_result_recorded_from_the_cli_appears_without_a_reload(page: Any, server: str, campaigns: list[Path]) -> None:
