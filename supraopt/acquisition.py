@@ -5,10 +5,9 @@ measured polydispersity is under the ceiling. For one experiment supraopt maximi
 
     log P(hit) = log P(size in band) + log P(PDI under ceiling) + log P(feasible)
 
-with Gaussian predictive distributions of log diameter and log PDI: the GP latent variance plus
-the expected measurement noise (the data's own, from n particles and the CV, and the extra noise
-the GP learned on this rig). Working in log space keeps the criterion informative when every
-probability is tiny (far from the target, early in a campaign).
+with Gaussian predictive distributions (GP latent variance plus the expected measurement
+noise) of log diameter and log PDI. Working in log space keeps the criterion informative when
+every probability is tiny (far from the target, early in a campaign).
 
 Candidates come from a scrambled Sobol set that is also *projected onto the target*: each point's
 concentration is moved by Newton steps on the size posterior mean until the predicted diameter is
@@ -87,13 +86,10 @@ class HitProbability:
         self.log_low = math.log(target.diameter_nm * (1 - target.tolerance))
         self.log_high = math.log(target.diameter_nm * (1 + target.tolerance))
         self.log_pdi_max = math.log(target.pdi_max_pct)
-        # a measurement scatters by its own noise (n particles, CV, calibration) and by the extra
-        # noise the GP learned on this rig: both belong in the predictive of a new run's outcome
-        self.size_extra_var = size.extra_noise_var()
-        self.pdi_noise_var = 1.0 / (2.0 * n_particles) + 0.05**2 + pdi.extra_noise_var()
+        self.pdi_noise_var = 1.0 / (2.0 * n_particles) + 0.05**2
 
     def size_noise_var(self, log_pdi: Tensor) -> Tensor:
-        return (torch.exp(log_pdi) / 100.0) ** 2 / self.n_particles + SEM_CALIBRATION_SD**2 + self.size_extra_var
+        return (torch.exp(log_pdi) / 100.0) ** 2 / self.n_particles + SEM_CALIBRATION_SD**2
 
     def moments(self, z: Tensor) -> dict[str, Tensor]:
         """Predictive moments (log size, log PDI, with measurement noise) and P(feasible) at `n x 3`

@@ -276,13 +276,6 @@ class PhysicsGP:
             dist = self.model(z)
             return dist.mean, dist.variance.clamp_min(1e-12)
 
-    def extra_noise_var(self) -> float:
-        """Variance of the noise the GP learned beyond each measurement's own (its prior value before
-        any run): part of what a new measurement scatters by, with the data noise and the latent variance."""
-        if self.model is None:
-            return self.residual.noise_sd**2
-        return float(self.model.likelihood.second_noise_covar.noise.detach().reshape(()))
-
     def joint(self, z: Tensor) -> tuple[Tensor, Tensor]:
         """Latent posterior mean `n` and covariance `n x n` at unit-cube points."""
         z = self._inputs(z)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import math
 
 import mpmath
@@ -13,7 +12,7 @@ from supraopt.acquisition import MIN_DISTANCE, HitProbability, log_interval_prob
 from supraopt.campaign import Campaign
 from supraopt.records import PARAMETERS
 from supraopt.spec import Target
-from supraopt.surrogate import SEM_CALIBRATION_SD, FeasibilityModel, pdi_gp, size_gp
+from supraopt.surrogate import FeasibilityModel, pdi_gp, size_gp
 
 CSPBBR3 = "cspbbr3-flow-focusing"
 WINDOW_MG_ML = (2.15, 7.3)
@@ -119,29 +118,6 @@ def test_p_hit_is_highest_near_the_target_size(preset, space):
     for p in predictions:
         assert 0.0 <= p.p_hit <= p.p_feasible <= 1.0
         assert p.diameter_sd_nm > 0 and p.pdi_sd_pct > 0 and p.pdi_pct > 0
-
-
-def test_a_rig_that_scatters_more_than_its_data_noise_says_gets_a_wider_repeat_prediction(preset, space):
-    """Eight runs at one setting scatter by 5 % while n particles and the CV promise ~1.5 %: the GP
-    learns the extra noise, and the predicted outcome of a ninth run (and its P(hit)) must carry it."""
-    x = torch.tensor([[4.0, 4.0, 45.0]], dtype=torch.double).repeat(8, 1)
-    z = space.to_unit(x)
-    scatter = torch.tensor([-1.5, -1.0, -0.5, -0.2, 0.2, 0.5, 1.0, 1.5], dtype=torch.double)
-    log_d = math.log(450.0) + 0.05 * scatter / scatter.std()
-    data_noise = torch.full_like(log_d, 0.015**2)
-    size = size_gp(preset, space).fit(z, log_d, data_noise)
-    pdi = pdi_gp(preset, space).fit(z, torch.full_like(log_d, math.log(3.0)), torch.full_like(log_d, 0.01))
-    feasibility = FeasibilityModel(preset, space, x, [])
-    acq = HitProbability(size, pdi, feasibility, Target(450.0), n_particles=100)
-    extra = size.extra_noise_var()
-    assert extra > 0.02**2  # learned from the scatter: more than its prior (1 %)
-    latent_var = float(size.moments(z[:1])[1].detach())
-    [p] = acq.predict(z[:1])
-    own = (p.pdi_pct / 100) ** 2 / 100 + SEM_CALIBRATION_SD**2
-    assert (p.diameter_sd_nm / p.diameter_nm) ** 2 == pytest.approx(latent_var + own + extra, rel=0.02)
-    without_extra = copy.copy(acq)
-    without_extra.size_extra_var = 0.0
-    assert p.p_hit < without_extra.predict(z[:1])[0].p_hit - 0.05
 
 
 # --- suggestions on a fresh CsPbBr3 campaign ---------------------------------------------------------
