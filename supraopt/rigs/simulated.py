@@ -42,6 +42,9 @@ MIN_WINDOW_RATIO = 2.0
 """A random world's window (high edge / low edge, inside the bounds) is at least this wide everywhere."""
 MAX_BEST_PDI_PCT = 5.5
 """A random world has a feasible point whose true PDI is below this."""
+MAX_WORST_PDI_PCT = 60.0
+"""... and no feasible point whose true PDI is above this: a rig whose runs succeed but give a CV of 100 %
+or more (which ``record`` refuses as implausible) makes no supraparticles there, it does not exist."""
 PRIOR_Z = 2.5
 """A random world draws a prior-named constant within this many prior sds of the prior mean."""
 Array = npt.NDArray[np.float64]
@@ -258,8 +261,8 @@ class World:
         mean, clipped to physical limits; window edges up to ×1.6 each way; the twin extras over the
         ranges written below. ``spread`` scales every interval about the default (0 gives the default
         world). Window, then polydispersity constants are redrawn until the window is at least
-        ``MIN_WINDOW_RATIO`` wide everywhere inside the bounds and some feasible point has a PDI
-        below ``MAX_BEST_PDI_PCT``.
+        ``MIN_WINDOW_RATIO`` wide everywhere inside the bounds, some feasible point has a PDI
+        below ``MAX_BEST_PDI_PCT`` and none above ``MAX_WORST_PDI_PCT``.
         """
         if not (isinstance(spread, (int, float)) and math.isfinite(spread) and spread >= 0):
             raise InputError(f"spread={spread!r} must be a non-negative number.")
@@ -347,9 +350,13 @@ class World:
                 hollow_cv_pct=draw("hollow_cv_pct", 1.0, 10.0, (0.0, 20.0), log=True),
                 hollow_cv_width_log=draw("hollow_cv_width_log", 0.15, 0.6, (0.05, 2.0), log=True),
             )
-            if candidate.best_pdi_pct(bounds) < MAX_BEST_PDI_PCT:
+            best, worst = candidate.pdi_range_pct(bounds)
+            if best < MAX_BEST_PDI_PCT and worst < MAX_WORST_PDI_PCT:
                 return candidate
-        raise InputError(f"spread={spread} gives no world with a PDI below {MAX_BEST_PDI_PCT} % in {preset}.")
+        raise InputError(
+            f"spread={spread} gives no world with a PDI between {MAX_BEST_PDI_PCT} and {MAX_WORST_PDI_PCT} % "
+            f"in {preset}."
+        )
 
     @classmethod
     def from_options(cls, options: dict[str, Any], base: World) -> World:
@@ -487,14 +494,17 @@ class World:
         low, high = self.window_mg_ml(corners[:, 0], corners[:, 1])  # edges are log-linear: extremes at corners
         return float(np.min(np.minimum(high, c_high) / np.maximum(low, c_low)))
 
-    def best_pdi_pct(self, bounds: dict[str, tuple[float, float]], points: int = 24) -> float:
-        """Lowest true PDI over a grid of feasible settings inside ``bounds`` (inf when none is feasible)."""
+    def pdi_range_pct(self, bounds: dict[str, tuple[float, float]], points: int = 24) -> tuple[float, float]:
+        """Lowest and highest true PDI over a grid of feasible settings inside ``bounds`` (inf, inf when
+        none is feasible)."""
         axes = [np.geomspace(*bounds[name], points) for name in PARAMETERS[:2]]
         axes.append(np.linspace(*bounds["temperature_c"], points // 2))
         c, r, t = np.meshgrid(*axes, indexing="ij")
         feasible = np.all([p <= 0.5 for p in self.failure_probabilities(c, r, t).values()], axis=0)
         pdi = self.pdi_pct(c, r, t)
-        return float(pdi[feasible].min()) if feasible.any() else math.inf
+        if not feasible.any():
+            return math.inf, math.inf
+        return float(pdi[feasible].min()), float(pdi[feasible].max())
 
 
 class SimulatedRig:
