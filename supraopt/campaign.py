@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -472,7 +472,8 @@ class Campaign:
 
         def fit_gps(
             contexts: Sequence[Context], context: Context
-        ) -> tuple[tuple[PhysicsGP, PhysicsGP, ContextModel | None], PhysicsGP, torch.Tensor]:
+        ) -> tuple[PhysicsGP, torch.Tensor, Callable[[], tuple[PhysicsGP, PhysicsGP, ContextModel | None]]]:
+            """The size GP fitted for these run contexts, its inputs, and the rest of the fit to finish."""
             size, pdi_model, z_done = base_size, base_pdi, z_controls
             model = ContextModel(self._context_kinds([*contexts, context]), [*contexts, context], self.context_effects)
             context_model = None if model.empty else model
@@ -480,12 +481,19 @@ class Campaign:
                 size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
                 z_done = torch.cat([z_done, context_model.columns(contexts)], -1)
             size.fit(z_done, torch.log(diam), size_noise)
-            pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
             if context_model is not None:
                 context_model.learn_tau(size, z_done, torch.log(diam), observed=contexts)
+
+            def finish() -> tuple[PhysicsGP, PhysicsGP, ContextModel | None]:
+                pdi_model.fit(
+                    z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0
+                )
+                if context_model is None:
+                    return size, pdi_model, None
                 fixed = context_model.fixed(context)
-                return (size.at_inputs(fixed), pdi_model.at_inputs(fixed), context_model), size, z_done
-            return (size, pdi_model, context_model), size, z_done
+                return size.at_inputs(fixed), pdi_model.at_inputs(fixed), context_model
+
+            return size, z_done, finish
 
         contexts = [e.context for e in done]
         if opts.drift:  # unannounced changes of the rig (supraopt/drift.py): none found, nothing changes
@@ -494,7 +502,7 @@ class Campaign:
             )
             (size, pdi_model, context_model), contexts, context = drifted.fitted, drifted.contexts, drifted.context
         else:
-            (size, pdi_model, context_model) = fit_gps(contexts, context)[0]
+            size, pdi_model, context_model = fit_gps(contexts, context)[2]()
         ok = self.space.tensor([e.settings for e in done])
         failures = [(self.space.tensor([e.settings])[0], e.failure.reason) for e in failed if e.failure]
         feasibility: Feasibility = AlwaysFeasible()

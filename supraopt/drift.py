@@ -48,7 +48,7 @@ CHANGE_RATE = 0.02
 """Prior probability that the rig changed, unannounced, just before any given run."""
 ADOPT = 0.5
 """Posterior probability of one change point above which the change is adopted."""
-SCREEN = 0.01
+SCREEN = 0.05
 """Posterior probability (at the no-change fit's hyperparameters) above which a candidate change is refitted."""
 MAX_CHANGES = 3
 """Changes adopted per fit at most (each costs one more GP fit)."""
@@ -140,7 +140,7 @@ def log_evidence(gp: PhysicsGP, z: Tensor, y: Tensor) -> float:
 
 
 def fit_with_changes(
-    fit: Callable[[Sequence[Context], Context], tuple[F, PhysicsGP, Tensor]],
+    fit: Callable[[Sequence[Context], Context], tuple[PhysicsGP, Tensor, Callable[[], F]]],
     contexts: Sequence[Context],
     context: Context,
     y: Tensor,
@@ -148,17 +148,18 @@ def fit_with_changes(
     tau: float,
 ) -> Drifted[F]:
     """Fit; while the change-point scan of the fitted size GP finds a candidate worth a look, fit
-    the model with that change and adopt it if it is the more probable one.
+    the size GP with that change and adopt it if it is the more probable model.
 
     The scan (:func:`change_point`) runs at the hyperparameters fitted without the change, which
     may have blamed the jump on noise (a repeat of a recipe that gave two different sizes), so it
     only screens: a candidate above :data:`SCREEN` is refitted with the change, and adopted when
     its posterior odds ``exp(evidence difference) * CHANGE_RATE / (1 - CHANGE_RATE)`` exceed
     ``ADOPT / (1 - ADOPT)`` (each model's evidence at its own MAP hyperparameters, :func:`log_evidence`).
+    Only the adopted model is fitted beyond its size GP.
 
     Args:
-        fit: fits the models for run contexts and a proposal context; returns the fit, its size GP
-            and that GP's training inputs.
+        fit: fits the size GP for run contexts and a proposal context; returns it, its training
+            inputs, and a function that finishes the fit (the other models) and returns it.
         contexts: the runs' contexts, in time order; ``y`` their log sizes.
         context: the context of the next experiments.
         labels: a name per run (its experiment id) to label the stretches with.
@@ -166,7 +167,7 @@ def fit_with_changes(
     """
     starts: list[int] = []
     run_contexts, proposal = list(contexts), dict(context)
-    fitted, gp, z = fit(run_contexts, proposal)
+    gp, z, finish = fit(run_contexts, proposal)
     threshold = math.log(ADOPT / (1 - ADOPT)) - math.log(CHANGE_RATE / (1 - CHANGE_RATE))
     for _ in range(MAX_CHANGES):
         found = change_point(gp, z, y, tau)
@@ -175,8 +176,8 @@ def fit_with_changes(
         marked = mark(contexts, [*starts, found.index], labels)
         newest = {**context, DRIFT: marked[-1][DRIFT]}
         candidate = fit(marked, newest)
-        if log_evidence(candidate[1], candidate[2], y) - log_evidence(gp, z, y) <= threshold:
+        if log_evidence(candidate[0], candidate[1], y) - log_evidence(gp, z, y) <= threshold:
             break
         starts.append(found.index)
-        (fitted, gp, z), run_contexts, proposal = candidate, marked, newest
-    return Drifted(fitted, run_contexts, proposal, tuple(sorted(starts)))
+        (gp, z, finish), run_contexts, proposal = candidate, marked, newest
+    return Drifted(finish(), run_contexts, proposal, tuple(sorted(starts)))
