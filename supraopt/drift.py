@@ -14,18 +14,21 @@ parameters, it adds ``tau^2 u u^T`` to the training covariance ``K`` (``u``: the
 
 with ``r`` the residual of the runs from the GP's mean; every ``c`` costs one suffix sum of
 ``K^-1`` (``O(n^2)`` in all). A change happens before any given run with prior probability
-:data:`CHANGE_RATE`; the posterior over "no change" and every ``c`` follows. When one ``c`` holds
-more than :data:`ADOPT` of it, the change is adopted: runs from ``c`` on form a new level of a
-pseudo-context :data:`DRIFT` (named after the experiment it starts at), which
+:data:`CHANGE_RATE`; the posterior over "no change" and every ``c`` follows. The scan runs at the
+hyperparameters fitted without a change, which may have blamed the jump on extra noise, so it only
+screens: the most probable ``c``, if above :data:`SCREEN`, is refitted with the change and adopted
+when it is the more probable model (:func:`fit_with_changes`). Runs from ``c`` on then form a new
+level of a pseudo-context :data:`DRIFT` (named after the experiment it starts at), which
 :class:`~supraopt.context.ContextModel` turns into a hierarchical offset like a told chip swap, and
 the next experiment is proposed for the newest level. The test is repeated on the refitted model
 (up to :data:`MAX_CHANGES` changes), so a rig that drifts slowly becomes a staircase of levels.
 
-**Cost on a rig that does not drift: nothing.** With no change in the data, the Bayes factor of
-every ``c`` is below one (the offset's Occam factor) times a small prior, no change is adopted,
-and the campaign runs the model it always did: the same suggestions. The offset's scale ``tau``
-is the preset's ``[context_effects]`` entry for ``drift`` (default: the overall size scale, 8 %),
-and learned between levels once a change is adopted.
+**Cost on a rig that does not drift: no change in the suggestions.** With no change in the data,
+the Bayes factor of every ``c`` is at most about one (the offset's Occam factor) times a small
+prior, no change is adopted, and the campaign runs the model it always did. It pays the scan
+(one more Cholesky of ``K``) and, when a candidate passes the screen, one size-GP fit. The
+offset's scale ``tau`` is the preset's ``[context_effects]`` entry for ``drift`` (default: the
+overall size scale, 8 %), learned between levels once a change is adopted.
 """
 
 from __future__ import annotations
