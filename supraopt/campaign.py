@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +88,8 @@ class ModelOptions:
     """Noise from the measurement (n particles, CV); False learns a homoscedastic noise only."""
     random_start: int = 0
     """Number of first experiments drawn from a Sobol sequence instead of the model."""
+    drift: bool = True
+    """Detect changes of the rig nobody stated (:mod:`supraopt.drift`); costs nothing while there are none."""
 
 
 def constant_gp(space: SearchSpace, log_center: float, residual: ResidualPrior) -> PhysicsGP:
@@ -119,6 +121,8 @@ class Surrogates:
     """How contexts enter the GPs; None when the campaign has none (the GPs see the 3 controls only)."""
     per_target: tuple[HitProbability, ...] = ()
     """Hit probability for every target, in the spec's order."""
+    run_contexts: tuple[Context, ...] = ()
+    """The measured runs' contexts as the model saw them (with the stretches of :mod:`supraopt.drift`)."""
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,7 @@ class Campaign:
 
         from supraopt.acquisition import HitProbability
         from supraopt.context import ContextModel
+        from supraopt.drift import drift_tau, fit_with_changes
         from supraopt.surrogate import (
             DEFAULT_N_PARTICLES,
             AlwaysFeasible,
@@ -476,19 +481,46 @@ class Campaign:
             pdi_model = constant_gp(
                 self.space, math.log(self.spec.target.pdi_max_pct), ResidualPrior(**PLAIN_PDI_RESIDUAL)
             )
+        base_size, base_pdi, z_controls = size, pdi_model, z_done
+
+        def fit_gps(
+            contexts: Sequence[Context], context: Context
+        ) -> tuple[PhysicsGP, torch.Tensor, Callable[[], tuple[PhysicsGP, PhysicsGP, ContextModel | None]]]:
+            """The size GP fitted for these run contexts, its inputs, and the rest of the fit to finish."""
+            size, pdi_model, z_done = base_size, base_pdi, z_controls
+            model = ContextModel(
+                self._context_kinds([*contexts, context]),
+                [*contexts, context],
+                self.context_effects,
+                self.context_terms,
+            )
+            context_model = None if model.empty else model
+            if context_model is not None:
+                size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
+                z_done = torch.cat([z_done, context_model.columns(contexts)], -1)
+            size.fit(z_done, torch.log(diam), size_noise)
+            if context_model is not None:
+                context_model.learn_tau(size, z_done, torch.log(diam), observed=contexts)
+
+            def finish() -> tuple[PhysicsGP, PhysicsGP, ContextModel | None]:
+                pdi_model.fit(
+                    z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0
+                )
+                if context_model is None:
+                    return size, pdi_model, None
+                fixed = context_model.fixed(context)
+                return size.at_inputs(fixed), pdi_model.at_inputs(fixed), context_model
+
+            return size, z_done, finish
+
         contexts = [e.context for e in done]
-        kinds = self._context_kinds([*contexts, context])
-        model = ContextModel(kinds, [*contexts, context], self.context_effects, self.context_terms)
-        context_model = None if model.empty else model
-        if context_model is not None:
-            size, pdi_model = context_model.wrap(size, size=True), context_model.wrap(pdi_model, size=False)
-            z_done = torch.cat([z_done, context_model.columns(contexts)], -1)
-        size.fit(z_done, torch.log(diam), size_noise)
-        pdi_model.fit(z_done, torch.log(pdi), pdi_noise, relinearise=1 if opts.physics and len(done) >= 3 else 0)
-        if context_model is not None:
-            context_model.learn_tau(size, z_done, torch.log(diam), observed=contexts)
-            fixed = context_model.fixed(context)
-            size, pdi_model = size.at_inputs(fixed), pdi_model.at_inputs(fixed)
+        if opts.drift:  # unannounced changes of the rig (supraopt/drift.py): none found, nothing changes
+            drifted = fit_with_changes(
+                fit_gps, contexts, context, torch.log(diam), [e.id for e in done], drift_tau(self.context_effects)
+            )
+            (size, pdi_model, context_model), contexts, context = drifted.fitted, drifted.contexts, drifted.context
+        else:
+            size, pdi_model, context_model = fit_gps(contexts, context)[2]()
         ok = self.space.tensor([e.settings for e in done])
         failures = [(self.space.tensor([e.settings])[0], e.failure.reason) for e in failed if e.failure]
         feasibility: Feasibility = AlwaysFeasible()
@@ -500,7 +532,15 @@ class Campaign:
         per_target = tuple(HitProbability(size, pdi_model, feasibility, t, n_typical) for t in self.spec.targets)
         pending_z = self.space.to_unit(self.space.tensor([e.settings for e in open_]))
         return Surrogates(
-            size, pdi_model, feasibility, per_target[0], pending_z, context, context_model, per_target=per_target
+            size,
+            pdi_model,
+            feasibility,
+            per_target[0],
+            pending_z,
+            context,
+            context_model,
+            per_target=per_target,
+            run_contexts=tuple(contexts),
         )
 
     def fitted(self, experiments: Sequence[Experiment], context: Context | None = None) -> Surrogates:
@@ -820,7 +860,7 @@ class Campaign:
         surrogates = self.fit(experiments)
         z = self.space.to_unit(self.space.tensor([e.settings for e in done]))
         if surrogates.context_model is not None:
-            z = torch.cat([z, surrogates.context_model.columns([e.context for e in done])], -1)
+            z = torch.cat([z, surrogates.context_model.columns(surrogates.run_contexts)], -1)
         ys = {
             "size": torch.log(torch.tensor([e.measurement.diameter_nm for e in done], dtype=torch.double)),  # type: ignore[union-attr]
             "pdi": torch.log(
