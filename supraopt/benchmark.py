@@ -582,9 +582,10 @@ def _confirmed_recipe_checks(
     and why it misses (its true size off the band centre, its true PDI, the world's noise)."""
     recipe = state.recipe
     assert recipe is not None
-    repeats = [world.sample(recipe.settings, rng) for _ in range(REPEAT_CHECKS)]
+    settings = state.repeat_settings or recipe.settings  # what the recipe card tells the chemist to run
+    repeats = [world.sample(settings, rng) for _ in range(REPEAT_CHECKS)]
     hits = sum(isinstance(m, Measurement) and target.is_hit(m.diameter_nm, m.pdi_pct) for m in repeats)
-    c, r, t = (recipe.settings[name] for name in PARAMETERS)
+    c, r, t = (settings[name] for name in PARAMETERS)
     return {
         "repeat_hit_rate": hits / REPEAT_CHECKS,
         "p_repeat": state.p_repeat,

@@ -20,7 +20,15 @@ from typing import TYPE_CHECKING, Any
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.preset import Preset
-from supraopt.recipe import Card, TargetState, card, miss_distance, same_recipe, target_states
+from supraopt.recipe import (
+    Card,
+    TargetState,
+    card,
+    miss_distance,
+    repeat_log_p_hit,
+    same_recipe,
+    target_states,
+)
 from supraopt.records import Context, Failure, Measurement, Plausible, RigLimits, validate_context
 from supraopt.space import SearchSpace
 from supraopt.spec import (
@@ -529,8 +537,10 @@ class Campaign:
         for i, state in enumerate(states):
             acq = surrogates.per_target[i]
             if state.recipe is not None and state.target.confirm > 0:
-                z = self.space.to_unit(self.space.tensor([state.recipe.settings]))
-                state.p_repeat = acq.predict(z)[0].p_hit
+                z = self.repeat_point(acq, state.recipe.settings).unsqueeze(0)
+                state.repeat_settings = self.space.settings(self.space.from_unit(z))[0]
+                with torch.no_grad():
+                    state.p_repeat = float(torch.exp(repeat_log_p_hit(acq, z))[0])
             if not state.hit and measured >= 1 and finished >= MIN_RUNS_FOR_VERDICT:
                 if envelope is None:
                     with torch.no_grad():
@@ -550,14 +560,15 @@ class Campaign:
         for i in indices:
             state = assessment.states[i]
             repeat = None
-            if state.repeats_wanted and state.recipe is not None:
-                repeat = self.repeat_point(surrogates.per_target[i], state.recipe.settings)
+            if state.repeats_wanted and state.repeat_settings is not None:
+                repeat = self.space.to_unit(self.space.tensor([state.repeat_settings]))[0]
             goals.append(Goal(i, surrogates.per_target[i], repeat))
         return Goals(goals)
 
     def repeat_point(self, acq: HitProbability, recipe: dict[str, float]) -> torch.Tensor:
         """The recipe to repeat (unit cube): as it is, or re-centred (its concentration moved so the
-        predicted size is the target's) when that is still the same recipe and more likely to hit."""
+        predicted size is the target's) when that is still the same recipe and a repeat there is
+        more likely to hit (:func:`supraopt.recipe.repeat_log_p_hit`)."""
         import torch
 
         from supraopt.acquisition import project_to_target
@@ -568,7 +579,7 @@ class Campaign:
             return z[0]
         z_moved = self.space.to_unit(self.space.tensor([moved]))
         with torch.no_grad():
-            better = bool(acq.log_p_hit(z_moved)[0] > acq.log_p_hit(z)[0])
+            better = bool(repeat_log_p_hit(acq, z_moved)[0] > repeat_log_p_hit(acq, z)[0])
         return z_moved[0] if better else z[0]
 
     def add_target(self, target: Target) -> list[str]:
@@ -625,7 +636,7 @@ class Campaign:
         cards = []
         for i, state in enumerate(assessment.states):
             acq = surrogates.per_target[i]
-            settings = state.recipe.settings if state.recipe is not None else None
+            settings = state.repeat_settings or (state.recipe.settings if state.recipe is not None else None)
             if settings is None:  # not hit yet: the setting most likely to hit
                 z = propose(acq, 1, torch.empty(0, self.space.dim, dtype=torch.double), self.spec.seed)
                 settings = self.space.settings(self.space.from_unit(z))[0]

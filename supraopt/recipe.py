@@ -7,15 +7,23 @@ settings are those of its latest run.
 
 * A target is **hit** when any measured run hits it.
 * With ``confirm = N`` (per target, default 0) a hit is not the end: supraopt proposes ``N``
-  repeats of the recipe. The target is **confirmed** when a recipe has hit on its first run and on
-  ``N`` repeats with no miss, or when the model gives a further repeat at the recipe a probability
-  of hitting of at least :data:`CONFIRMED_P` (runs elsewhere count as evidence too).
-* A recipe with a miss among its repeats is not repeated blindly any more: the next proposal for
-  the target is the setting the model now believes most reliable (highest P(hit)), and that
-  becomes the recipe once it hits.
+  repeats of the recipe, each at the recipe's *repeat setting*: the setting of the same recipe
+  that the model, given every run so far, gives the highest probability that one more run hits
+  (its concentration re-centred so the predicted size sits in the middle of the band), not the
+  point that happened to hit.
+* The target is **confirmed** when both hold: the recipe has hit at least ``N + 1`` times with its
+  last ``N`` runs all hits, and the model gives one more run at the repeat setting a probability
+  of hitting of at least :data:`CONFIRMED_P`. A few hits in a row near the edge of the band can be
+  luck, and a model can be sure of the wrong thing; each vetoes the other.
+* "One more run" includes every spread a repeat sees: the model's uncertainty about the mean at
+  that setting, the expected measurement noise, and the run-to-run spread the GPs learned beyond
+  it (:func:`repeat_log_p_hit`).
+* A recipe whose last run missed is not repeated blindly: the next proposal for the target is the
+  setting the model now believes most reliable (highest P(hit)), and that becomes the recipe once
+  it hits.
 
-:func:`target_states` reads the ledger only (no model); the campaign adds the model's P(a repeat
-hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
+:func:`target_states` reads the ledger only (no model); the campaign adds the model's repeat
+setting and P(a repeat hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
 """
 
 from __future__ import annotations
@@ -29,13 +37,13 @@ from supraopt.records import Measurement
 from supraopt.spec import Target
 
 if TYPE_CHECKING:  # status reads recipes without loading torch
+    from torch import Tensor
+
     from supraopt.acquisition import HitProbability
+    from supraopt.surrogate import PhysicsGP
 
 CONFIRMED_P = 0.9
-"""Posterior probability that one more repeat hits, above which a recipe counts as confirmed."""
-CLEAN_REPEATS_P = 0.6
-"""Clean repeats confirm a recipe only if the model also gives one more repeat at least this
-probability of hitting: three hits in a row at the edge of the band can be luck."""
+"""Posterior probability that one more repeat hits, needed (with the repeats) to confirm a recipe."""
 
 
 def miss_distance(target: Target, measurement: Measurement) -> float:
@@ -53,11 +61,17 @@ class Recipe:
     """Ids of every measured run at this setting, in order."""
     hits: int
     misses: int
+    streak: int = 0
+    """Hits in a row at the end of :attr:`runs`."""
 
     @property
     def clean(self) -> bool:
         """Every run here hit: a repeat is the obvious next confirmation step."""
         return self.misses == 0
+
+    def repeated(self, n: int) -> bool:
+        """At least ``n + 1`` hits, the last ``n`` runs all hits: the repeats asked for have hit."""
+        return self.hits >= n + 1 and self.streak >= n
 
 
 @dataclass
@@ -70,8 +84,12 @@ class TargetState:
     hit_runs: list[str] = field(default_factory=list)
     recipe: Recipe | None = None
     confirmed_by_repeats: bool = False
+    """The recipe's repeats have hit (:meth:`Recipe.repeated`); the model must agree too."""
+    repeat_settings: dict[str, float] | None = None
+    """Where the next repeat goes and what the card gives: the recipe's setting with the highest
+    P(a repeat hits); None until a model has been fitted (then the recipe's latest settings)."""
     p_repeat: float | None = None
-    """Model P(a further repeat at the recipe hits); None until a model has been fitted."""
+    """Model P(a further run at :attr:`repeat_settings` hits); None until a model has been fitted."""
 
     @property
     def hit(self) -> bool:
@@ -83,9 +101,8 @@ class TargetState:
             return False
         if self.target.confirm == 0:
             return True
-        if self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CLEAN_REPEATS_P):
-            return True
-        return self.p_repeat is not None and self.p_repeat >= CONFIRMED_P
+        # from the ledger alone (no model yet) the repeats speak; the campaign adds the model's word
+        return self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CONFIRMED_P)
 
     @property
     def done(self) -> bool:
@@ -94,10 +111,12 @@ class TargetState:
 
     @property
     def repeats_wanted(self) -> int:
-        """Repeats still to run at the recipe (0 when done or when the recipe has missed)."""
-        if self.done or self.recipe is None or not self.recipe.clean or self.confirmed_by_repeats:
+        """Repeats still to run at the recipe (0 when done, when its repeats have all hit and only
+        the model is still unsure, or when its last run missed)."""
+        recipe, n = self.recipe, self.target.confirm
+        if self.done or recipe is None or self.confirmed_by_repeats or recipe.streak == 0:
             return 0
-        return max(self.target.confirm + 1 - self.recipe.hits, 0)
+        return max(n + 1 - recipe.hits, n - recipe.streak, 0)
 
     @property
     def verdict(self) -> str:
@@ -120,6 +139,7 @@ class TargetState:
             if self.best is None or m is None
             else {"id": self.best.id, "diameter_nm": m.diameter_nm, "pdi_pct": m.pdi_pct},
             "recipe": None if self.recipe is None else self.recipe.__dict__,
+            "repeat_settings": self.repeat_settings,
             "p_repeat_hits": self.p_repeat,
         }
 
@@ -134,9 +154,10 @@ def target_states(targets: tuple[Target, ...], experiments: list[Experiment]) ->
         state = TargetState(target, best, hit_runs)
         recipes = _recipes(target, measured)
         if recipes:
-            # the most hits without a miss, then the most hits, then the latest
-            state.recipe = max(recipes, key=lambda r: (r.clean, r.hits, -r.misses, recipes.index(r)))
-            state.confirmed_by_repeats = any(r.clean and r.hits >= target.confirm + 1 for r in recipes)
+            # repeated as asked, then the most hits without a miss, then the most hits, then the latest
+            n = target.confirm
+            state.recipe = max(recipes, key=lambda r: (r.repeated(n), r.clean, r.hits, -r.misses, recipes.index(r)))
+            state.confirmed_by_repeats = state.recipe.repeated(n)
         states.append(state)
     return states
 
@@ -173,9 +194,37 @@ def _recipes(target: Target, measured: list[Experiment]) -> list[Recipe]:
             groups.append([e])
     recipes = []
     for runs in groups:
-        hits = sum(_hits(target, e) for e in runs)
-        recipes.append(Recipe(dict(runs[-1].settings), [e.id for e in runs], hits, len(runs) - hits))
+        outcomes = [_hits(target, e) for e in runs]
+        streak = len(outcomes) - max((i + 1 for i, hit in enumerate(outcomes) if not hit), default=0)
+        hits = sum(outcomes)
+        recipes.append(Recipe(dict(runs[-1].settings), [e.id for e in runs], hits, len(runs) - hits, streak))
     return recipes
+
+
+def repeat_moments(acq: HitProbability, z: Tensor) -> dict[str, Tensor]:
+    """:meth:`HitProbability.moments` of one more run at unit-cube points ``z``, with every spread a
+    repeat sees: the GPs' uncertainty about the mean there, the expected measurement noise (as in
+    the acquisition) and the extra run-to-run noise each GP learned from the scatter of its runs
+    (calibration, drying, a rig less steady than the noise model says), which the acquisition
+    leaves out."""
+    import torch
+
+    m = acq.moments(z)
+    extra_d, extra_p = learned_noise_var(acq.size), learned_noise_var(acq.pdi)
+    return m | {"sd_d": torch.sqrt(m["sd_d"] ** 2 + extra_d), "sd_p": torch.sqrt(m["sd_p"] ** 2 + extra_p)}
+
+
+def repeat_log_p_hit(acq: HitProbability, z: Tensor) -> Tensor:
+    """log P(one more run at unit-cube points ``z`` hits), from :func:`repeat_moments`."""
+    return acq.log_hit_given(repeat_moments(acq, z))
+
+
+def learned_noise_var(gp: PhysicsGP) -> float:
+    """The extra noise variance a fitted GP learned beyond the stated measurement noise (0 unfitted)."""
+    try:
+        return float(gp.model.likelihood.second_noise_covar.noise.reshape(-1)[0])  # type: ignore[union-attr]
+    except AttributeError:
+        return 0.0
 
 
 @dataclass(frozen=True)
@@ -209,9 +258,14 @@ class Card:
         }
 
 
-def card(state: TargetState, acq: HitProbability, z: Any, settings: dict[str, float] | None) -> Card:
-    """A recipe card from the fitted model's prediction at the recipe's unit-cube point ``z``."""
+def card(state: TargetState, acq: HitProbability, z: Tensor, settings: dict[str, float] | None) -> Card:
+    """A recipe card: the fitted model's prediction of one more run at unit-cube point ``z``."""
+    import torch
+
     if settings is None:
         return Card(state.target, state, None)
-    [p] = acq.predict(z)
-    return Card(state.target, state, settings, p.diameter_nm, p.diameter_sd_nm, p.pdi_pct, p.pdi_sd_pct, p.p_hit)
+    with torch.no_grad():
+        m = repeat_moments(acq, z)
+        p_hit = float(torch.exp(acq.log_hit_given(m))[0])
+    d, pdi = math.exp(float(m["mu_d"][0])), math.exp(float(m["mu_p"][0]))
+    return Card(state.target, state, settings, d, d * float(m["sd_d"][0]), pdi, pdi * float(m["sd_p"][0]), p_hit)
