@@ -63,6 +63,8 @@ class Recipe:
     misses: int
     streak: int = 0
     """Hits in a row at the end of :attr:`runs`."""
+    anchor: dict[str, float] = field(default_factory=dict)
+    """Settings of its first run: every run of the recipe is :func:`same_recipe` as these."""
 
     @property
     def clean(self) -> bool:
@@ -82,6 +84,8 @@ class TargetState:
     best: Experiment | None
     """Measured run closest to the target (in tolerance units)."""
     hit_runs: list[str] = field(default_factory=list)
+    recipes: list[Recipe] = field(default_factory=list)
+    """Every recipe that has hit this target; :attr:`recipe` is the one to use."""
     recipe: Recipe | None = None
     confirmed_by_repeats: bool = False
     """The recipe's repeats have hit (:meth:`Recipe.repeated`); the model must agree too."""
@@ -94,6 +98,12 @@ class TargetState:
     @property
     def hit(self) -> bool:
         return bool(self.hit_runs)
+
+    def use(self, recipe: Recipe, settings: dict[str, float], p_repeat: float) -> None:
+        """Make ``recipe`` the target's recipe, repeated at ``settings`` where the model gives one
+        more run a chance ``p_repeat`` of hitting."""
+        self.recipe, self.repeat_settings, self.p_repeat = recipe, settings, p_repeat
+        self.confirmed_by_repeats = recipe.repeated(self.target.confirm)
 
     @property
     def confirmed(self) -> bool:
@@ -153,8 +163,9 @@ def target_states(targets: tuple[Target, ...], experiments: list[Experiment]) ->
         hit_runs = [e.id for e in measured if _hits(target, e)]
         state = TargetState(target, best, hit_runs)
         recipes = _recipes(target, measured)
+        state.recipes = recipes
         if recipes:
-            # repeated as asked, then the most hits without a miss, then the most hits, then the latest
+            # without a model: repeated as asked, then the most hits without a miss, the most hits, the latest
             n = target.confirm
             state.recipe = max(recipes, key=lambda r: (r.repeated(n), r.clean, r.hits, -r.misses, recipes.index(r)))
             state.confirmed_by_repeats = state.recipe.repeated(n)
@@ -172,6 +183,12 @@ SAME_RECIPE_LOG = 0.12
 SAME_RECIPE_C = 1.5
 """... and whose temperatures differ by at most this (°C) are one recipe, re-centred: a repeat may
 nudge the concentration so that the predicted size sits in the middle of the band."""
+
+
+REPEAT_NUDGE_LOG = SAME_RECIPE_LOG / 2
+REPEAT_NUDGE_C = SAME_RECIPE_C / 2
+"""Where a repeat may go (:meth:`supraopt.campaign.Campaign.repeat_point`): the flow ratio (natural
+log) and temperature (°C) nudged by up to these, the concentration re-centred: still the same recipe."""
 
 
 def same_recipe(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -197,7 +214,8 @@ def _recipes(target: Target, measured: list[Experiment]) -> list[Recipe]:
         outcomes = [_hits(target, e) for e in runs]
         streak = len(outcomes) - max((i + 1 for i, hit in enumerate(outcomes) if not hit), default=0)
         hits = sum(outcomes)
-        recipes.append(Recipe(dict(runs[-1].settings), [e.id for e in runs], hits, len(runs) - hits, streak))
+        latest, anchor = dict(runs[-1].settings), dict(runs[0].settings)
+        recipes.append(Recipe(latest, [e.id for e in runs], hits, len(runs) - hits, streak, anchor))
     return recipes
 
 
@@ -222,7 +240,7 @@ def repeat_log_p_hit(acq: HitProbability, z: Tensor) -> Tensor:
 def learned_noise_var(gp: PhysicsGP) -> float:
     """The extra noise variance a fitted GP learned beyond the stated measurement noise (0 unfitted)."""
     try:
-        return float(gp.model.likelihood.second_noise_covar.noise.reshape(-1)[0])  # type: ignore[union-attr]
+        return float(gp.model.likelihood.second_noise_covar.noise.detach().reshape(-1)[0])  # type: ignore[union-attr]
     except AttributeError:
         return 0.0
 
