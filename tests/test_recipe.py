@@ -68,3 +68,19 @@ def test_a_repeat_is_predicted_with_the_run_to_run_noise_and_the_card_agrees(tmp
         [card] = campaign.recipes()
         assert card.settings == state.repeat_settings and card.p_hit is not None
         assert abs(card.p_hit - state.p_repeat) < 1e-9
+
+
+def test_the_recipe_is_the_one_a_repeat_most_likely_hits_not_the_most_repeated(tmp_path):
+    thin = S1  # hits three times, but its PDI sits just under the 6 % ceiling
+    wide = {"concentration_mg_ml": 6.0, "flow_ratio": 2.5, "temperature_c": 50.0}  # one hit, PDI well under
+    with Campaign.create(tmp_path / "c", MODEL, 450.0, confirm=2) as campaign:
+        for d in (451.0, 448.0, 453.0):
+            campaign.add_run(thin, measured(d, 5.9))
+        campaign.add_run(wide, measured(450.0, 2.5))
+        [ledger_only] = target_states(campaign.spec.targets, campaign.ledger.experiments())
+        assert ledger_only.recipe is not None and ledger_only.recipe.anchor == thin and ledger_only.confirmed
+        [state] = campaign.assess().states
+        assert state.recipe is not None and state.recipe.anchor == wide
+        assert not state.confirmed and state.repeats_wanted == 2
+        [suggestion] = campaign.suggest()
+        assert suggestion.prediction["repeat"] == 1.0 and suggestion.settings == state.repeat_settings
