@@ -16,8 +16,8 @@ settings are those of its latest run.
   of hitting of at least :data:`CONFIRMED_P`. A few hits in a row near the edge of the band can be
   luck, and a model can be sure of the wrong thing; each vetoes the other.
 * "One more run" includes every spread a repeat sees: the model's uncertainty about the mean at
-  that setting, the expected measurement noise, and the run-to-run spread the GPs learned beyond
-  it (:func:`repeat_log_p_hit`).
+  that setting, the sampling noise of size and PDI, and a calibration error whose size is known
+  only to a range (:func:`repeat_log_p_hit`).
 * A recipe whose last run missed is not repeated blindly: the next proposal for the target is the
   setting the model now believes most reliable (highest P(hit)), and that becomes the recipe once
   it hits.
@@ -40,7 +40,6 @@ if TYPE_CHECKING:  # status reads recipes without loading torch
     from torch import Tensor
 
     from supraopt.acquisition import HitProbability
-    from supraopt.surrogate import PhysicsGP
 
 CONFIRMED_P = 0.9
 """Posterior probability that one more repeat hits, needed (with the repeats) to confirm a recipe."""
@@ -219,30 +218,37 @@ def _recipes(target: Target, measured: list[Experiment]) -> list[Recipe]:
     return recipes
 
 
+CALIBRATION_SD_RANGE = (0.01, 0.015, 0.02)
+"""The run-to-run calibration error of a sized sample is "~1-2 %" (SCIENCE.md section 6), not known
+better for a given rig: a repeat's chance is averaged over this range rather than taken at its
+middle (the acquisition's ``SEM_CALIBRATION_SD``), which overstates it on a rig at the top of it."""
+
+
 def repeat_moments(acq: HitProbability, z: Tensor) -> dict[str, Tensor]:
-    """:meth:`HitProbability.moments` of one more run at unit-cube points ``z``, with every spread a
-    repeat sees: the GPs' uncertainty about the mean there, the expected measurement noise (as in
-    the acquisition) and the extra run-to-run noise each GP learned from the scatter of its runs
-    (calibration, drying, a rig less steady than the noise model says), which the acquisition
-    leaves out."""
+    """:meth:`HitProbability.moments` of one more run at unit-cube points ``z``: the GPs' uncertainty
+    about the mean there plus the measurement noise, with the calibration part of the size noise
+    at the mean variance of :data:`CALIBRATION_SD_RANGE` (for the card's ± sd)."""
     import torch
 
+    from supraopt.surrogate import SEM_CALIBRATION_SD
+
     m = acq.moments(z)
-    extra_d, extra_p = learned_noise_var(acq.size), learned_noise_var(acq.pdi)
-    return m | {"sd_d": torch.sqrt(m["sd_d"] ** 2 + extra_d), "sd_p": torch.sqrt(m["sd_p"] ** 2 + extra_p)}
+    mean_var = sum(c**2 for c in CALIBRATION_SD_RANGE) / len(CALIBRATION_SD_RANGE)
+    return m | {"sd_d": torch.sqrt(m["sd_d"] ** 2 - SEM_CALIBRATION_SD**2 + mean_var)}
 
 
 def repeat_log_p_hit(acq: HitProbability, z: Tensor) -> Tensor:
-    """log P(one more run at unit-cube points ``z`` hits), from :func:`repeat_moments`."""
-    return acq.log_hit_given(repeat_moments(acq, z))
+    """log P(one more run at unit-cube points ``z`` hits), with every spread a repeat sees: the GPs'
+    uncertainty about the mean there, the sampling noise of size and PDI, and a calibration error
+    averaged over :data:`CALIBRATION_SD_RANGE` (P(hit) averaged, not the variance)."""
+    import torch
 
+    from supraopt.surrogate import SEM_CALIBRATION_SD
 
-def learned_noise_var(gp: PhysicsGP) -> float:
-    """The extra noise variance a fitted GP learned beyond the stated measurement noise (0 unfitted)."""
-    try:
-        return float(gp.model.likelihood.second_noise_covar.noise.detach().reshape(-1)[0])  # type: ignore[union-attr]
-    except AttributeError:
-        return 0.0
+    m = acq.moments(z)
+    rest = m["sd_d"] ** 2 - SEM_CALIBRATION_SD**2
+    logs = [acq.log_hit_given(m | {"sd_d": torch.sqrt(rest + c**2)}) for c in CALIBRATION_SD_RANGE]
+    return torch.logsumexp(torch.stack(logs), 0) - math.log(len(logs))
 
 
 @dataclass(frozen=True)
@@ -284,6 +290,6 @@ def card(state: TargetState, acq: HitProbability, z: Tensor, settings: dict[str,
         return Card(state.target, state, None)
     with torch.no_grad():
         m = repeat_moments(acq, z)
-        p_hit = float(torch.exp(acq.log_hit_given(m))[0])
+        p_hit = float(torch.exp(repeat_log_p_hit(acq, z))[0])
     d, pdi = math.exp(float(m["mu_d"][0])), math.exp(float(m["mu_p"][0]))
     return Card(state.target, state, settings, d, d * float(m["sd_d"][0]), pdi, pdi * float(m["sd_p"][0]), p_hit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from supraopt.campaign import Campaign
-from supraopt.recipe import CONFIRMED_P, TargetState, learned_noise_var, repeat_log_p_hit, target_states
+from supraopt.recipe import CONFIRMED_P, TargetState, repeat_log_p_hit, target_states
 from supraopt.records import Measurement
 from supraopt.spec import Target
 
@@ -48,7 +48,7 @@ def test_confirmation_needs_the_repeats_and_the_model():
     assert plain.confirmed
 
 
-def test_a_repeat_is_predicted_with_the_run_to_run_noise_and_the_card_agrees(tmp_path):
+def test_a_repeat_is_predicted_over_the_calibration_range_and_the_card_agrees(tmp_path):
     with Campaign.create(tmp_path / "c", MODEL, 450.0, confirm=2) as campaign:
         for c, d in ((3.0, 405.0), (5.0, 478.0), (4.0, 446.0), (4.0, 455.0)):
             campaign.add_run({**S1, "concentration_mg_ml": c}, measured(d))
@@ -56,14 +56,13 @@ def test_a_repeat_is_predicted_with_the_run_to_run_noise_and_the_card_agrees(tmp
         assert state.repeat_settings is not None and state.p_repeat is not None
         surrogates = campaign.fitted(campaign.ledger.experiments())
         acq = surrogates.per_target[0]
-        assert learned_noise_var(acq.size) > 0
         z = campaign.space.to_unit(campaign.space.tensor([state.repeat_settings]))
         with torch.no_grad():
             moments = acq.moments(z)
             repeat = float(torch.exp(repeat_log_p_hit(acq, z))[0])
             once = float(torch.exp(acq.log_p_hit(z))[0])
         assert abs(float(torch.exp(moments["mu_d"][0])) / 450.0 - 1) < 0.03  # inside the band ...
-        assert repeat < once  # ... so the wider spread of a repeat lowers its chance
+        assert repeat < once  # ... so a calibration error up to 2 % (not 1.5 %) lowers its chance
         assert abs(repeat - state.p_repeat) < 1e-9
         [card] = campaign.recipes()
         assert card.settings == state.repeat_settings and card.p_hit is not None
