@@ -160,7 +160,11 @@ def test_after_a_hit_confirm_proposes_the_recipe_and_the_card_shows_it(tmp_path)
     result = invoke("recipe", tmp_path / "c", "--json")
     assert result.exit_code == 0, result.output
     [data] = json.loads(result.output)
-    assert data["settings"] == suggestion.settings and data["backing_runs"] == [hit_id] and data["status"] == "hit, not confirmed"
+    assert (
+        data["settings"] == suggestion.settings
+        and data["backing_runs"] == [hit_id]
+        and data["status"] == "hit, not confirmed"
+    )
 
 
 def test_one_model_serves_several_targets_and_a_batch_spreads_over_them(tmp_path):
