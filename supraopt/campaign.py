@@ -21,7 +21,19 @@ from typing import TYPE_CHECKING, Any
 from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.preset import Preset
-from supraopt.recipe import Card, TargetState, card, miss_distance, same_recipe, target_states
+from supraopt.recipe import (
+    CONFIRMED_P,
+    REPEAT_NUDGE_C,
+    REPEAT_NUDGE_LOG,
+    Card,
+    Recipe,
+    TargetState,
+    card,
+    miss_distance,
+    repeat_log_p_hit,
+    same_recipe,
+    target_states,
+)
 from supraopt.records import Context, Failure, Measurement, Plausible, RigLimits, validate_context
 from supraopt.space import SearchSpace
 from supraopt.spec import (
@@ -586,9 +598,8 @@ class Campaign:
         envelope: dict[str, torch.Tensor] | None = None
         for i, state in enumerate(states):
             acq = surrogates.per_target[i]
-            if state.recipe is not None and state.target.confirm > 0:
-                z = self.space.to_unit(self.space.tensor([state.recipe.settings]))
-                state.p_repeat = acq.predict(z)[0].p_hit
+            if state.recipes and state.target.confirm > 0:
+                self.choose_recipe(state, acq)
             if not state.hit and measured >= 1 and finished >= MIN_RUNS_FOR_VERDICT:
                 if envelope is None:
                     with torch.no_grad():
@@ -608,26 +619,52 @@ class Campaign:
         for i in indices:
             state = assessment.states[i]
             repeat = None
-            if state.repeats_wanted and state.recipe is not None:
-                repeat = self.repeat_point(surrogates.per_target[i], state.recipe.settings)
+            if state.repeats_wanted and state.repeat_settings is not None:
+                repeat = self.space.to_unit(self.space.tensor([state.repeat_settings]))[0]
             goals.append(Goal(i, surrogates.per_target[i], repeat))
         return Goals(goals)
 
-    def repeat_point(self, acq: HitProbability, recipe: dict[str, float]) -> torch.Tensor:
-        """The recipe to repeat (unit cube): as it is, or re-centred (its concentration moved so the
-        predicted size is the target's) when that is still the same recipe and more likely to hit."""
+    def choose_recipe(self, state: TargetState, acq: HitProbability) -> None:
+        """Give ``state`` the recipe to use: of those whose repeats have hit and whose next run the
+        model gives at least :data:`~supraopt.recipe.CONFIRMED_P`, else of all, the one whose next
+        run at its :meth:`repeat_point` is most likely to hit."""
+        import torch
+
+        n = state.target.confirm
+        best: tuple[tuple[bool, float], Recipe, dict[str, float]] | None = None
+        for recipe in state.recipes:
+            z = self.repeat_point(acq, recipe).unsqueeze(0)
+            with torch.no_grad():
+                p = float(torch.exp(repeat_log_p_hit(acq, z))[0])
+            key = (recipe.repeated(n) and p >= CONFIRMED_P, p)
+            if best is None or key > best[0]:
+                best = (key, recipe, self.space.settings(self.space.from_unit(z))[0])
+        if best is not None:
+            state.use(best[1], best[2], best[0][1])
+
+    def repeat_point(self, acq: HitProbability, recipe: Recipe) -> torch.Tensor:
+        """Where to repeat a recipe (unit cube): of its latest settings and nearby settings that are
+        still the same recipe (flow ratio and temperature nudged, the concentration re-centred so
+        the predicted size sits in the middle of the band), the one where one more run is most
+        likely to hit (:func:`supraopt.recipe.repeat_log_p_hit`): the band's centre and the PDI's
+        margin, not the point that happened to hit."""
         import torch
 
         from supraopt.acquisition import project_to_target
 
-        z = self.space.to_unit(self.space.tensor([recipe]))
-        moved = self.space.settings(self.space.from_unit(project_to_target(acq, z)))[0]
-        if moved == recipe or not same_recipe(recipe, moved):
-            return z[0]
-        z_moved = self.space.to_unit(self.space.tensor([moved]))
+        latest = recipe.settings
+        nudged = [
+            latest
+            | {"flow_ratio": latest["flow_ratio"] * math.exp(d_log_r), "temperature_c": latest["temperature_c"] + d_t}
+            for d_log_r in (-REPEAT_NUDGE_LOG, 0.0, REPEAT_NUDGE_LOG)
+            for d_t in (-REPEAT_NUDGE_C, 0.0, REPEAT_NUDGE_C)
+        ]
+        z_nudged = self.space.to_unit(self.space.tensor(nudged)).clamp(0.0, 1.0)
+        moved = self.space.settings(self.space.from_unit(project_to_target(acq, z_nudged)))
+        candidates = [latest] + [s for s in moved if same_recipe(recipe.anchor or latest, s)]
+        z = self.space.to_unit(self.space.tensor(candidates))
         with torch.no_grad():
-            better = bool(acq.log_p_hit(z_moved)[0] > acq.log_p_hit(z)[0])
-        return z_moved[0] if better else z[0]
+            return z[int(repeat_log_p_hit(acq, z).argmax())]
 
     def add_target(self, target: Target) -> list[str]:
         """Add a target to this campaign (rewrites campaign.toml); returns warnings (overlapping
@@ -684,7 +721,7 @@ class Campaign:
         cards = []
         for i, state in enumerate(assessment.states):
             acq = surrogates.per_target[i]
-            settings = state.recipe.settings if state.recipe is not None else None
+            settings = state.repeat_settings or (state.recipe.settings if state.recipe is not None else None)
             if settings is None:  # not hit yet: the setting most likely to hit
                 z = propose(acq, 1, torch.empty(0, self.space.dim, dtype=torch.double), self.spec.seed)
                 settings = self.space.settings(self.space.from_unit(z))[0]

@@ -7,15 +7,23 @@ settings are those of its latest run.
 
 * A target is **hit** when any measured run hits it.
 * With ``confirm = N`` (per target, default 0) a hit is not the end: supraopt proposes ``N``
-  repeats of the recipe. The target is **confirmed** when a recipe has hit on its first run and on
-  ``N`` repeats with no miss, or when the model gives a further repeat at the recipe a probability
-  of hitting of at least :data:`CONFIRMED_P` (runs elsewhere count as evidence too).
-* A recipe with a miss among its repeats is not repeated blindly any more: the next proposal for
-  the target is the setting the model now believes most reliable (highest P(hit)), and that
-  becomes the recipe once it hits.
+  repeats of the recipe, each at the recipe's *repeat setting*: the setting of the same recipe
+  that the model, given every run so far, gives the highest probability that one more run hits
+  (its concentration re-centred so the predicted size sits in the middle of the band), not the
+  point that happened to hit.
+* The target is **confirmed** when both hold: the recipe has hit at least ``N + 1`` times with its
+  last ``N`` runs all hits, and the model gives one more run at the repeat setting a probability
+  of hitting of at least :data:`CONFIRMED_P`. A few hits in a row near the edge of the band can be
+  luck, and a model can be sure of the wrong thing; each vetoes the other.
+* "One more run" includes every spread a repeat sees: the model's uncertainty about the mean at
+  that setting, the sampling noise of size and PDI, and a calibration error whose size is known
+  only to a range (:func:`repeat_log_p_hit`).
+* A recipe whose last run missed is not repeated blindly: the next proposal for the target is the
+  setting the model now believes most reliable (highest P(hit)), and that becomes the recipe once
+  it hits.
 
-:func:`target_states` reads the ledger only (no model); the campaign adds the model's P(a repeat
-hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
+:func:`target_states` reads the ledger only (no model); the campaign adds the model's repeat
+setting and P(a repeat hits) where it matters (:meth:`supraopt.campaign.Campaign.assess`).
 """
 
 from __future__ import annotations
@@ -29,13 +37,12 @@ from supraopt.records import Measurement
 from supraopt.spec import Target
 
 if TYPE_CHECKING:  # status reads recipes without loading torch
+    from torch import Tensor
+
     from supraopt.acquisition import HitProbability
 
 CONFIRMED_P = 0.9
-"""Posterior probability that one more repeat hits, above which a recipe counts as confirmed."""
-CLEAN_REPEATS_P = 0.6
-"""Clean repeats confirm a recipe only if the model also gives one more repeat at least this
-probability of hitting: three hits in a row at the edge of the band can be luck."""
+"""Posterior probability that one more repeat hits, needed (with the repeats) to confirm a recipe."""
 
 
 def miss_distance(target: Target, measurement: Measurement) -> float:
@@ -53,11 +60,19 @@ class Recipe:
     """Ids of every measured run at this setting, in order."""
     hits: int
     misses: int
+    streak: int = 0
+    """Hits in a row at the end of :attr:`runs`."""
+    anchor: dict[str, float] = field(default_factory=dict)
+    """Settings of its first run: every run of the recipe is :func:`same_recipe` as these."""
 
     @property
     def clean(self) -> bool:
         """Every run here hit: a repeat is the obvious next confirmation step."""
         return self.misses == 0
+
+    def repeated(self, n: int) -> bool:
+        """At least ``n + 1`` hits, the last ``n`` runs all hits: the repeats asked for have hit."""
+        return self.hits >= n + 1 and self.streak >= n
 
 
 @dataclass
@@ -68,14 +83,26 @@ class TargetState:
     best: Experiment | None
     """Measured run closest to the target (in tolerance units)."""
     hit_runs: list[str] = field(default_factory=list)
+    recipes: list[Recipe] = field(default_factory=list)
+    """Every recipe that has hit this target; :attr:`recipe` is the one to use."""
     recipe: Recipe | None = None
     confirmed_by_repeats: bool = False
+    """The recipe's repeats have hit (:meth:`Recipe.repeated`); the model must agree too."""
+    repeat_settings: dict[str, float] | None = None
+    """Where the next repeat goes and what the card gives: the recipe's setting with the highest
+    P(a repeat hits); None until a model has been fitted (then the recipe's latest settings)."""
     p_repeat: float | None = None
-    """Model P(a further repeat at the recipe hits); None until a model has been fitted."""
+    """Model P(a further run at :attr:`repeat_settings` hits); None until a model has been fitted."""
 
     @property
     def hit(self) -> bool:
         return bool(self.hit_runs)
+
+    def use(self, recipe: Recipe, settings: dict[str, float], p_repeat: float) -> None:
+        """Make ``recipe`` the target's recipe, repeated at ``settings`` where the model gives one
+        more run a chance ``p_repeat`` of hitting."""
+        self.recipe, self.repeat_settings, self.p_repeat = recipe, settings, p_repeat
+        self.confirmed_by_repeats = recipe.repeated(self.target.confirm)
 
     @property
     def confirmed(self) -> bool:
@@ -83,9 +110,8 @@ class TargetState:
             return False
         if self.target.confirm == 0:
             return True
-        if self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CLEAN_REPEATS_P):
-            return True
-        return self.p_repeat is not None and self.p_repeat >= CONFIRMED_P
+        # from the ledger alone (no model yet) the repeats speak; the campaign adds the model's word
+        return self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CONFIRMED_P)
 
     @property
     def done(self) -> bool:
@@ -94,10 +120,12 @@ class TargetState:
 
     @property
     def repeats_wanted(self) -> int:
-        """Repeats still to run at the recipe (0 when done or when the recipe has missed)."""
-        if self.done or self.recipe is None or not self.recipe.clean or self.confirmed_by_repeats:
+        """Repeats still to run at the recipe (0 when done, when its repeats have all hit and only
+        the model is still unsure, or when its last run missed)."""
+        recipe, n = self.recipe, self.target.confirm
+        if self.done or recipe is None or self.confirmed_by_repeats or recipe.streak == 0:
             return 0
-        return max(self.target.confirm + 1 - self.recipe.hits, 0)
+        return max(n + 1 - recipe.hits, n - recipe.streak, 0)
 
     @property
     def verdict(self) -> str:
@@ -120,6 +148,7 @@ class TargetState:
             if self.best is None or m is None
             else {"id": self.best.id, "diameter_nm": m.diameter_nm, "pdi_pct": m.pdi_pct},
             "recipe": None if self.recipe is None else self.recipe.__dict__,
+            "repeat_settings": self.repeat_settings,
             "p_repeat_hits": self.p_repeat,
         }
 
@@ -133,10 +162,12 @@ def target_states(targets: tuple[Target, ...], experiments: list[Experiment]) ->
         hit_runs = [e.id for e in measured if _hits(target, e)]
         state = TargetState(target, best, hit_runs)
         recipes = _recipes(target, measured)
+        state.recipes = recipes
         if recipes:
-            # the most hits without a miss, then the most hits, then the latest
-            state.recipe = max(recipes, key=lambda r: (r.clean, r.hits, -r.misses, recipes.index(r)))
-            state.confirmed_by_repeats = any(r.clean and r.hits >= target.confirm + 1 for r in recipes)
+            # without a model: repeated as asked, then the most hits without a miss, the most hits, the latest
+            n = target.confirm
+            state.recipe = max(recipes, key=lambda r: (r.repeated(n), r.clean, r.hits, -r.misses, recipes.index(r)))
+            state.confirmed_by_repeats = state.recipe.repeated(n)
         states.append(state)
     return states
 
@@ -151,6 +182,12 @@ SAME_RECIPE_LOG = 0.12
 SAME_RECIPE_C = 1.5
 """... and whose temperatures differ by at most this (°C) are one recipe, re-centred: a repeat may
 nudge the concentration so that the predicted size sits in the middle of the band."""
+
+
+REPEAT_NUDGE_LOG = SAME_RECIPE_LOG / 2
+REPEAT_NUDGE_C = SAME_RECIPE_C / 2
+"""Where a repeat may go (:meth:`supraopt.campaign.Campaign.repeat_point`): the flow ratio (natural
+log) and temperature (°C) nudged by up to these, the concentration re-centred: still the same recipe."""
 
 
 def same_recipe(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -173,9 +210,45 @@ def _recipes(target: Target, measured: list[Experiment]) -> list[Recipe]:
             groups.append([e])
     recipes = []
     for runs in groups:
-        hits = sum(_hits(target, e) for e in runs)
-        recipes.append(Recipe(dict(runs[-1].settings), [e.id for e in runs], hits, len(runs) - hits))
+        outcomes = [_hits(target, e) for e in runs]
+        streak = len(outcomes) - max((i + 1 for i, hit in enumerate(outcomes) if not hit), default=0)
+        hits = sum(outcomes)
+        latest, anchor = dict(runs[-1].settings), dict(runs[0].settings)
+        recipes.append(Recipe(latest, [e.id for e in runs], hits, len(runs) - hits, streak, anchor))
     return recipes
+
+
+CALIBRATION_SD_RANGE = (0.01, 0.015, 0.02)
+"""The run-to-run calibration error of a sized sample is "~1-2 %" (SCIENCE.md section 6), not known
+better for a given rig: a repeat's chance is averaged over this range rather than taken at its
+middle (the acquisition's ``SEM_CALIBRATION_SD``), which overstates it on a rig at the top of it."""
+
+
+def repeat_moments(acq: HitProbability, z: Tensor) -> dict[str, Tensor]:
+    """:meth:`HitProbability.moments` of one more run at unit-cube points ``z``: the GPs' uncertainty
+    about the mean there plus the measurement noise, with the calibration part of the size noise
+    at the mean variance of :data:`CALIBRATION_SD_RANGE` (for the card's ± sd)."""
+    import torch
+
+    from supraopt.surrogate import SEM_CALIBRATION_SD
+
+    m = acq.moments(z)
+    mean_var = sum(c**2 for c in CALIBRATION_SD_RANGE) / len(CALIBRATION_SD_RANGE)
+    return m | {"sd_d": torch.sqrt(m["sd_d"] ** 2 - SEM_CALIBRATION_SD**2 + mean_var)}
+
+
+def repeat_log_p_hit(acq: HitProbability, z: Tensor) -> Tensor:
+    """log P(one more run at unit-cube points ``z`` hits), with every spread a repeat sees: the GPs'
+    uncertainty about the mean there, the sampling noise of size and PDI, and a calibration error
+    averaged over :data:`CALIBRATION_SD_RANGE` (P(hit) averaged, not the variance)."""
+    import torch
+
+    from supraopt.surrogate import SEM_CALIBRATION_SD
+
+    m = acq.moments(z)
+    rest = m["sd_d"] ** 2 - SEM_CALIBRATION_SD**2
+    logs = [acq.log_hit_given(m | {"sd_d": torch.sqrt(rest + c**2)}) for c in CALIBRATION_SD_RANGE]
+    return torch.logsumexp(torch.stack(logs), 0) - math.log(len(logs))
 
 
 @dataclass(frozen=True)
@@ -209,9 +282,14 @@ class Card:
         }
 
 
-def card(state: TargetState, acq: HitProbability, z: Any, settings: dict[str, float] | None) -> Card:
-    """A recipe card from the fitted model's prediction at the recipe's unit-cube point ``z``."""
+def card(state: TargetState, acq: HitProbability, z: Tensor, settings: dict[str, float] | None) -> Card:
+    """A recipe card: the fitted model's prediction of one more run at unit-cube point ``z``."""
+    import torch
+
     if settings is None:
         return Card(state.target, state, None)
-    [p] = acq.predict(z)
-    return Card(state.target, state, settings, p.diameter_nm, p.diameter_sd_nm, p.pdi_pct, p.pdi_sd_pct, p.p_hit)
+    with torch.no_grad():
+        m = repeat_moments(acq, z)
+        p_hit = float(torch.exp(repeat_log_p_hit(acq, z))[0])
+    d, pdi = math.exp(float(m["mu_d"][0])), math.exp(float(m["mu_p"][0]))
+    return Card(state.target, state, settings, d, d * float(m["sd_d"][0]), pdi, pdi * float(m["sd_p"][0]), p_hit)

@@ -150,16 +150,21 @@ def test_after_a_hit_confirm_proposes_the_recipe_and_the_card_shows_it(tmp_path)
     with Campaign.create(tmp_path / "c", MODEL, 450.0, confirm=2) as campaign:
         campaign.add_run({**S1, "concentration_mg_ml": 2.0}, measured(380.0))
         hit_id = campaign.add_run(S1, measured(451.0))
-        [suggestion] = campaign.suggest()  # the recipe again, its concentration perhaps re-centred
+        [suggestion] = campaign.suggest()  # the recipe again, perhaps re-centred or nudged
         assert same_recipe(suggestion.settings, S1) and suggestion.prediction["repeat"] == 1.0
-        assert suggestion.settings["flow_ratio"] == S1["flow_ratio"]
         [card] = campaign.recipes()
-        assert card.settings == S1 and card.state.recipe is not None and card.state.recipe.runs == [hit_id]
+        # the card gives the setting the repeat goes to, not the point that happened to hit
+        assert card.settings == suggestion.settings and card.state.recipe is not None
+        assert card.state.recipe.runs == [hit_id]
         assert card.p_hit is not None and 0 < card.p_hit < 1 and card.diameter_nm is not None
     result = invoke("recipe", tmp_path / "c", "--json")
     assert result.exit_code == 0, result.output
     [data] = json.loads(result.output)
-    assert data["settings"] == S1 and data["backing_runs"] == [hit_id] and data["status"] == "hit, not confirmed"
+    assert (
+        data["settings"] == suggestion.settings
+        and data["backing_runs"] == [hit_id]
+        and data["status"] == "hit, not confirmed"
+    )
 
 
 def test_one_model_serves_several_targets_and_a_batch_spreads_over_them(tmp_path):
