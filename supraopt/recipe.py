@@ -11,10 +11,11 @@ settings are those of its latest run.
   that the model, given every run so far, gives the highest probability that one more run hits
   (its concentration re-centred so the predicted size sits in the middle of the band), not the
   point that happened to hit.
-* The target is **confirmed** when both hold: the recipe has hit at least ``N + 1`` times with its
-  last ``N`` runs all hits, and the model gives one more run at the repeat setting a probability
-  of hitting of at least :data:`CONFIRMED_P`. A few hits in a row near the edge of the band can be
-  luck, and a model can be sure of the wrong thing; each vetoes the other.
+* The target is **confirmed** (issue 11's definition) when the repeats hit too — the recipe has hit
+  at least ``N + 1`` times with its last ``N`` runs all hits — or when the model gives one more run
+  at the repeat setting a probability of hitting of at least :data:`CONFIRMED_P`. Repeats that hit
+  while the model gives one more run less than :data:`CLEAN_REPEATS_P` do not confirm: a few hits
+  in a row near the edge of the band can be luck.
 * "One more run" includes every spread a repeat sees: the model's uncertainty about the mean at
   that setting, the sampling noise of size and PDI, and a calibration error whose size is known
   only to a range (:func:`repeat_log_p_hit`).
@@ -42,7 +43,9 @@ if TYPE_CHECKING:  # status reads recipes without loading torch
     from supraopt.acquisition import HitProbability
 
 CONFIRMED_P = 0.9
-"""Posterior probability that one more repeat hits, needed (with the repeats) to confirm a recipe."""
+"""Posterior probability that one more repeat hits, above which a recipe counts as confirmed."""
+CLEAN_REPEATS_P = 0.6
+"""Repeats that hit confirm a recipe only if the model also gives one more run at least this."""
 
 
 def miss_distance(target: Target, measurement: Measurement) -> float:
@@ -87,7 +90,7 @@ class TargetState:
     """Every recipe that has hit this target; :attr:`recipe` is the one to use."""
     recipe: Recipe | None = None
     confirmed_by_repeats: bool = False
-    """The recipe's repeats have hit (:meth:`Recipe.repeated`); the model must agree too."""
+    """The recipe's repeats have hit (:meth:`Recipe.repeated`); the model may still veto them."""
     repeat_settings: dict[str, float] | None = None
     """Where the next repeat goes and what the card gives: the recipe's setting with the highest
     P(a repeat hits); None until a model has been fitted (then the recipe's latest settings)."""
@@ -111,7 +114,9 @@ class TargetState:
         if self.target.confirm == 0:
             return True
         # from the ledger alone (no model yet) the repeats speak; the campaign adds the model's word
-        return self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CONFIRMED_P)
+        if self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CLEAN_REPEATS_P):
+            return True
+        return self.p_repeat is not None and self.p_repeat >= CONFIRMED_P
 
     @property
     def done(self) -> bool:

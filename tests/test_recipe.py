@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from supraopt.campaign import Campaign
-from supraopt.recipe import CONFIRMED_P, TargetState, repeat_log_p_hit, target_states
+from supraopt.recipe import CLEAN_REPEATS_P, CONFIRMED_P, TargetState, repeat_log_p_hit, target_states
 from supraopt.records import Measurement
 from supraopt.spec import Target
 
@@ -36,13 +36,15 @@ def test_a_miss_then_n_hits_in_a_row_counts_as_repeated(tmp_path):
         assert state.confirmed_by_repeats and state.repeats_wanted == 0
 
 
-def test_confirmation_needs_the_repeats_and_the_model():
+def test_repeats_that_hit_or_a_sure_model_confirm_and_a_doubtful_model_vetoes_lucky_repeats():
     target = Target(450.0, confirm=2)
-    state = TargetState(target, None, ["r1", "r2", "r3"], confirmed_by_repeats=True, p_repeat=CONFIRMED_P - 0.05)
-    assert state.hit and not state.confirmed and state.verdict == "hit, not confirmed"
-    state.p_repeat = CONFIRMED_P
-    assert state.confirmed
-    sure_model = TargetState(target, None, ["r1"], confirmed_by_repeats=False, p_repeat=0.99)
+    lucky = TargetState(target, None, ["r1", "r2", "r3"], confirmed_by_repeats=True, p_repeat=CLEAN_REPEATS_P - 0.05)
+    assert lucky.hit and not lucky.confirmed and lucky.verdict == "hit, not confirmed"
+    lucky.p_repeat = CLEAN_REPEATS_P
+    assert lucky.confirmed
+    sure_model = TargetState(target, None, ["r1"], confirmed_by_repeats=False, p_repeat=CONFIRMED_P)
+    assert sure_model.confirmed
+    sure_model.p_repeat = CONFIRMED_P - 0.05
     assert not sure_model.confirmed
     plain = TargetState(Target(450.0), None, ["r1"], p_repeat=0.2)  # confirm = 0: a hit is enough
     assert plain.confirmed
@@ -70,14 +72,14 @@ def test_a_repeat_is_predicted_over_the_calibration_range_and_the_card_agrees(tm
 
 
 def test_the_recipe_is_the_one_a_repeat_most_likely_hits_not_the_most_repeated(tmp_path):
-    thin = S1  # hits three times, but its PDI sits just under the 6 % ceiling
+    thin = S1  # hits twice, but its PDI sits just under the 6 % ceiling
     wide = {"concentration_mg_ml": 6.0, "flow_ratio": 2.5, "temperature_c": 50.0}  # one hit, PDI well under
     with Campaign.create(tmp_path / "c", MODEL, 450.0, confirm=2) as campaign:
-        for d in (451.0, 448.0, 453.0):
+        for d in (451.0, 448.0):
             campaign.add_run(thin, measured(d, 5.9))
         campaign.add_run(wide, measured(450.0, 2.5))
         [ledger_only] = target_states(campaign.spec.targets, campaign.ledger.experiments())
-        assert ledger_only.recipe is not None and ledger_only.recipe.anchor == thin and ledger_only.confirmed
+        assert ledger_only.recipe is not None and ledger_only.recipe.anchor == thin and not ledger_only.confirmed
         [state] = campaign.assess().states
         assert state.recipe is not None and state.recipe.anchor == wide
         assert not state.confirmed and state.repeats_wanted == 2
