@@ -313,3 +313,19 @@ def test_benchmark_scenarios_refuse_unknown_names_and_modes(tmp_path: Path) -> N
     result = invoke("benchmark", "--scenario", "chip-swap", "--strategy", "plain-bo", "--out", tmp_path)
     assert_one_line_error(result, "plain-bo", "told, not-told")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_measured_nozzle_width_moves_the_predicted_size_before_any_run_on_it(campaign: Campaign) -> None:
+    """A new chip whose nozzle is measured 20 % wider: the droplet law's width enters the physics
+    (``[context_terms] nozzle_um``), so the first suggestion for it already expects SPs ~20 % larger."""
+    _runs_on(campaign, World.default(), {"nozzle_um": 5.0}, 6, seed=5)
+    settings = {"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}
+    z = campaign.space.to_unit(campaign.space.tensor([settings]))
+    fitted_5, fitted_6 = campaign.fit(context={"nozzle_um": 5.0}), campaign.fit(context={"nozzle_um": 6.0})
+    with torch.no_grad():
+        at_5, var_5 = fitted_5.size.moments(z)
+        at_6, var_6 = fitted_6.size.moments(z)
+    ratio = math.exp(float(at_6[0] - at_5[0]))
+    assert abs(ratio - 1.2) < 0.03, ratio
+    # the exponent is a prior (sd 0.15), not a certainty: 6 um was never run, so it adds (0.15 ln 1.2)^2
+    assert float(var_6[0] - var_5[0]) > 0.5 * (0.15 * math.log(1.2)) ** 2
