@@ -10,7 +10,7 @@ stops at its first hit (measured size within tolerance and PDI under the ceiling
 
 Strategies: ``supraopt`` (default), ``plain-bo`` (same GP and acquisition without the physics
 mean, Sobol start), ``random`` (Sobol search), and one ablation per ingredient:
-``no-feasibility``, ``random-first-point`` and ``no-noise-model``.
+``no-feasibility``, ``random-first-point``, ``no-noise-model`` and ``no-drift``.
 
 **Scenarios** (``--scenario``). ``stationary`` (the default) is the above. ``chip-swap`` and
 ``batch-swap`` change the rig after a campaign's first hit: the world's droplet prefactor (a new
@@ -50,7 +50,7 @@ from supraopt.spec import Target, default_bounds
 PRESET = "cspbbr3-flow-focusing"
 NO_MEASUREMENT = 30.0
 """Miss distance plotted for a campaign with no measured run yet (only failures)."""
-STRATEGIES = ("supraopt", "plain-bo", "random", "no-feasibility", "random-first-point", "no-noise-model")
+STRATEGIES = ("supraopt", "plain-bo", "random", "no-feasibility", "random-first-point", "no-noise-model", "no-drift")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ def model_options(strategy: str) -> Any:
         "no-feasibility": ModelOptions(feasibility=False),
         "random-first-point": ModelOptions(random_start=1),
         "no-noise-model": ModelOptions(data_noise=False),
+        "no-drift": ModelOptions(drift=False),
     }
     return options[strategy]
 
