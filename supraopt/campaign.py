@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -265,7 +266,6 @@ class Campaign:
         self.preset = Preset.load(resolve_model(spec.model, directory))
         self.space = SearchSpace(spec.bounds)
         self.plausible: Plausible = plausible_ranges(resolve_model(spec.model, directory), spec.plausible)
-        self._context_effects: dict[str, Any] | None = None
         """What a rig of this kind can measure: results outside are refused (see ``[plausible]``)."""
         self.last_suggest_seconds = math.nan
         self.last_assessment: Assessment | None = None
@@ -274,18 +274,16 @@ class Campaign:
         self._assess_cache: tuple[str, Assessment] | None = None
         self._spec_mtime = self._spec_file_mtime()
 
-    @property
+    @cached_property
     def context_effects(self) -> dict[str, Any]:
         """The preset's ``[context_effects]`` (read on first use: it needs the model's modules)."""
-        if self._context_effects is None:
-            from supraopt.context import load_effects
+        from supraopt.context import load_effects
 
-            self._context_effects = load_effects(resolve_model(self.spec.model, self.directory))
-        return self._context_effects
+        return load_effects(resolve_model(self.spec.model, self.directory))
 
-    @property
+    @cached_property
     def context_terms(self) -> dict[str, Any]:
-        """The preset's ``[context_terms]``: numeric contexts its physics names."""
+        """The preset's ``[context_terms]``: numeric contexts its physics names (read on first use)."""
         from supraopt.context import load_terms
 
         return load_terms(resolve_model(self.spec.model, self.directory))
