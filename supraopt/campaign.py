@@ -23,14 +23,13 @@ from supraopt.errors import InputError, LedgerError, SpecError
 from supraopt.ledger import OPEN, BatchRow, Experiment, Ledger, Status
 from supraopt.preset import Preset
 from supraopt.recipe import (
-    CLEAN_REPEATS_P,
-    CONFIRMED_P,
     REPEAT_NUDGE_C,
     REPEAT_NUDGE_LOG,
     Card,
     Recipe,
     TargetState,
     card,
+    confirms,
     miss_distance,
     repeat_log_p_hit,
     same_recipe,
@@ -624,10 +623,9 @@ class Campaign:
         return Goals(goals)
 
     def choose_recipe(self, state: TargetState, acq: HitProbability) -> None:
-        """Give ``state`` the recipe to use: of those that confirm the target (their repeats have hit
-        and the model gives their next run at least :data:`~supraopt.recipe.CLEAN_REPEATS_P`, or it
-        gives at least :data:`~supraopt.recipe.CONFIRMED_P`), else of all, the one whose next run at
-        its :meth:`repeat_point` is most likely to hit."""
+        """Give ``state`` the recipe to use: of those that confirm the target
+        (:func:`~supraopt.recipe.confirms`), else of all, the one whose next run at its
+        :meth:`repeat_point` is most likely to hit."""
         import torch
 
         n = state.target.confirm
@@ -636,7 +634,7 @@ class Campaign:
             z = self.repeat_point(acq, recipe).unsqueeze(0)
             with torch.no_grad():
                 p = float(torch.exp(repeat_log_p_hit(acq, z))[0])
-            key = ((recipe.repeated(n) and p >= CLEAN_REPEATS_P) or p >= CONFIRMED_P, p)
+            key = (confirms(recipe.repeated(n), p), p)
             if best is None or key > best[0]:
                 best = (key, recipe, self.space.settings(self.space.from_unit(z))[0])
         if best is not None:

@@ -48,6 +48,15 @@ CLEAN_REPEATS_P = 0.6
 """Repeats that hit confirm a recipe only if the model also gives one more run at least this."""
 
 
+def confirms(repeated: bool, p_repeat: float | None) -> bool:
+    """Whether a recipe confirms its target: its repeats have hit (:meth:`Recipe.repeated`) and the
+    model does not give one more run less than :data:`CLEAN_REPEATS_P`, or the model gives it at least
+    :data:`CONFIRMED_P`. ``p_repeat`` None: no model yet, the repeats speak alone."""
+    if p_repeat is None:
+        return repeated
+    return (repeated and p_repeat >= CLEAN_REPEATS_P) or p_repeat >= CONFIRMED_P
+
+
 def miss_distance(target: Target, measurement: Measurement) -> float:
     """How far a result is from the target in units of the tolerances: a hit is <= 1."""
     size = abs(measurement.diameter_nm / target.diameter_nm - 1.0) / target.tolerance
@@ -113,10 +122,7 @@ class TargetState:
             return False
         if self.target.confirm == 0:
             return True
-        # from the ledger alone (no model yet) the repeats speak; the campaign adds the model's word
-        if self.confirmed_by_repeats and (self.p_repeat is None or self.p_repeat >= CLEAN_REPEATS_P):
-            return True
-        return self.p_repeat is not None and self.p_repeat >= CONFIRMED_P
+        return confirms(self.confirmed_by_repeats, self.p_repeat)
 
     @property
     def done(self) -> bool:
