@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from supraopt.benchmark import make_tasks
-from supraopt.campaign import Campaign, miss_distance
+from supraopt.benchmark import make_tasks, task_campaign
+from supraopt.campaign import miss_distance
 from supraopt.records import PARAMETERS, Measurement
 from supraopt.rigs.simulated import World
 
@@ -39,14 +39,7 @@ def campaign_rows(task: Any, steps: int) -> list[dict[str, Any]]:
     rng = np.random.default_rng(task.seed)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        campaign = Campaign.create(
-            Path(tmp) / "c",
-            task.preset,
-            task.target_nm,
-            tolerance=task.tolerance,
-            pdi_max_pct=task.pdi_max_pct,
-            seed=task.seed,
-        )
+        campaign = task_campaign(task, Path(tmp) / "c")
         with campaign:
             for step in range(1, steps + 1):
                 [suggestion] = campaign.suggest(1)

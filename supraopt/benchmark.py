@@ -37,7 +37,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -46,6 +46,9 @@ from supraopt.recipe import TargetState
 from supraopt.records import PARAMETERS, Measurement
 from supraopt.rigs.simulated import World
 from supraopt.spec import Target, default_bounds
+
+if TYPE_CHECKING:  # campaigns load torch: imported where a task runs
+    from supraopt.campaign import Campaign
 
 PRESET = "cspbbr3-flow-focusing"
 NO_MEASUREMENT = 30.0
@@ -162,6 +165,15 @@ def make_tasks(
     return tasks
 
 
+def task_campaign(task: Task, folder: Path) -> Campaign:
+    """A new campaign in ``folder`` for one task's target, tolerance, PDI ceiling and seed."""
+    from supraopt.campaign import Campaign
+
+    return Campaign.create(
+        folder, task.preset, task.target_nm, tolerance=task.tolerance, pdi_max_pct=task.pdi_max_pct, seed=task.seed
+    )
+
+
 def run_task(task: Task) -> dict[str, Any]:
     """Run one campaign against its world; returns experiments to the first hit and the curve."""
     if SCENARIOS.get(task.scenario) is not None:
@@ -169,7 +181,7 @@ def run_task(task: Task) -> dict[str, Any]:
     import torch
     from torch.quasirandom import SobolEngine
 
-    from supraopt.campaign import Campaign, miss_distance
+    from supraopt.campaign import miss_distance
 
     torch.set_num_threads(1)
     world = World.random(task.world_seed, task.preset, task.spread)
@@ -181,14 +193,7 @@ def run_task(task: Task) -> dict[str, Any]:
     false_alarm = False
     with tempfile.TemporaryDirectory() as tmp:
         random_search = task.strategy == "random"
-        campaign = Campaign.create(
-            Path(tmp) / "c",
-            task.preset,
-            task.target_nm,
-            tolerance=task.tolerance,
-            pdi_max_pct=task.pdi_max_pct,
-            seed=task.seed,
-        )
+        campaign = task_campaign(task, Path(tmp) / "c")
         if not random_search:
             campaign.options = model_options(task.strategy)
         sobol = SobolEngine(3, scramble=True, seed=task.seed)
@@ -236,8 +241,6 @@ def run_swap_task(task: Task) -> dict[str, Any]:
     """Hit once, swap the rig (see :class:`Swap`), count the experiments to hit again."""
     import torch
 
-    from supraopt.campaign import Campaign
-
     swap = SCENARIOS[task.scenario]
     assert swap is not None
     torch.set_num_threads(1)
@@ -249,14 +252,7 @@ def run_swap_task(task: Task) -> dict[str, Any]:
     first_hit, rehit = task.budget + 1, AFTER_SWAP_BUDGET + 1
     latencies: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        campaign = Campaign.create(
-            Path(tmp) / "c",
-            task.preset,
-            task.target_nm,
-            tolerance=task.tolerance,
-            pdi_max_pct=task.pdi_max_pct,
-            seed=task.seed,
-        )
+        campaign = task_campaign(task, Path(tmp) / "c")
         target = campaign.spec.target
 
         def until_hit(budget: int, level: str) -> int:
