@@ -412,6 +412,29 @@ def _refuse_empty_file(database: Path) -> None:
         )
 
 
+def holds_ledger(url: str) -> bool:
+    """Whether the existing database at ``url`` holds a supraopt ledger, found without creating anything
+    (:class:`Ledger` creates the file and the tables it misses). :class:`~supraopt.errors.LedgerError`
+    when there is no such SQLite file or the URL cannot be opened."""
+    try:
+        db = _Database(url)
+        if db.backend == "sqlite" and not Path(db.path).is_file():
+            raise LedgerError(f"no ledger file at {db.path}; check the path.")
+        if db.backend == "sqlite":
+            query = "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'experiments'"
+        else:
+            query = "SELECT 1 FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = 'experiments'"
+        try:
+            with db.connection() as conn:
+                return conn.execute(query).fetchone() is not None
+        finally:
+            db.close()
+    except LedgerError:
+        raise
+    except Exception as exc:
+        raise LedgerError(f"cannot be opened ({_cause(exc)}); check the URL.") from exc
+
+
 class Ledger:
     """The durable record of one campaign, in the database at ``url``: ``sqlite:///PATH`` (a file,
     created if missing) or ``postgresql+psycopg://USER:PASSWORD@HOST:PORT/DATABASE``."""

@@ -466,3 +466,17 @@ def test_a_campaign_is_watched_through_its_ledger_url_alone(tmp_path: Path, ledg
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert result.output.startswith("error:") and message in result.output, result.output
     assert not missing.exists()  # a refused URL creates nothing
+
+
+def test_watching_a_ledger_url_works_without_sqlalchemy(tmp_path: Path) -> None:
+    """SQLAlchemy is only a development dependency: a chemist's install has none, and
+    ``dashboard --ledger-url`` must find the ledger without it."""
+    folder = synthetic_campaign(tmp_path / "c", 2, open_runs=0)
+    script = (
+        "import sys; sys.modules['sqlalchemy'] = None\n"  # any import of it now fails
+        "from supraopt.dashboard.data import _require_ledger\n"
+        f"_require_ledger({'sqlite:///' + str(folder / 'ledger.sqlite')!r}, 'the ledger')\n"
+        "print('found')"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "found", done.stderr

@@ -15,8 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from supraopt.errors import SpecError
-from supraopt.ledger import OPEN, Experiment, Ledger, Status
+from supraopt.errors import LedgerError, SpecError
+from supraopt.ledger import OPEN, Experiment, Ledger, Status, holds_ledger
 from supraopt.recipe import target_states
 from supraopt.records import PARAMETERS
 from supraopt.spec import CampaignSpec, Target, load_spec, parse_spec
@@ -108,23 +108,10 @@ class Watched:
 
 def _require_ledger(url: str, where: str) -> None:
     """Refuse a URL that names no supraopt ledger, before opening it would create one (an empty file, tables)."""
-    import sqlalchemy as sa
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
-        parsed = sa.make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            database = Path(str(parsed.database or ""))
-            if not parsed.database or not database.is_file():
-                raise SpecError(f"--ledger-url {where}: no ledger file at {database}; check the path.")
-        engine = sa.create_engine(url)
-        try:
-            found = sa.inspect(engine).has_table("experiments")
-        finally:
-            engine.dispose()
-    except (SQLAlchemyError, ImportError, ValueError) as error:
-        cause = " ".join(str(getattr(error, "orig", None) or error).split())
-        raise SpecError(f"--ledger-url {where} cannot be opened ({scrub(cause, None)}); check the URL.") from None
+        found = holds_ledger(url)
+    except LedgerError as error:
+        raise SpecError(f"--ledger-url {where}: {scrub(str(error), None)}") from None
     if not found:
         raise SpecError(f"--ledger-url {where} holds no supraopt ledger; check the URL (and the schema).")
 
