@@ -291,7 +291,7 @@ def learn_tau(
             kernel.prior_var[idx] = best**2
             gp.prior_sd[idx] = best
             chosen[name] = best
-    model._clear_cache()  # type: ignore[operator]  # the posterior cache holds the old tau
+    model._clear_cache()  # the posterior cache holds the old tau
     return chosen
 
 

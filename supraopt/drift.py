@@ -137,7 +137,7 @@ def log_evidence(gp: PhysicsGP, z: Tensor, y: Tensor) -> float:
         k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
         k = k + 1e-9 * torch.eye(len(k), dtype=k.dtype)
         value = float(torch.distributions.MultivariateNormal(model.mean_module(z), k).log_prob(y))
-        for _, module, prior, closure, _ in model.named_priors():  # type: ignore[operator]
+        for _, module, prior, closure, _ in model.named_priors():
             value += float(prior.log_prob(closure(module)).sum())
     return value
 

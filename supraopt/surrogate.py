@@ -14,7 +14,7 @@ how well the physics pins each direction (a move in flow ratio carries the dropl
 exponent's uncertainty, a move in concentration the mass-balance exponent's). For the nonlinear
 polydispersity law ``theta_lin`` is moved to the posterior mean and the GP refitted
 (Gauss-Newton). Residual hyperparameters (lengthscales, outputscale, extra noise) are fitted by
-MAP under their priors with BoTorch's ``fit_gpytorch_mll``.
+MAP under their priors (L-BFGS on the log marginal likelihood plus log priors, :func:`fit_map`).
 
 Inputs are unit-cube points (see :mod:`supraopt.space`); the mean and kernel map them back to
 physical units themselves. Outcomes are modelled unstandardised on their physical log scale (no
@@ -36,21 +36,21 @@ import copy
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import gpytorch
 import torch
-from botorch.exceptions.warnings import OptimizationWarning
-from botorch.fit import fit_gpytorch_mll
-from botorch.models import SingleTaskGP
+from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, MaternKernel, ScaleKernel
 from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
+from gpytorch.models import ExactGP
 from gpytorch.priors import GammaPrior
 from gpytorch.utils.warnings import GPInputWarning
+from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
 
 from supraopt import physics, torchfast
@@ -138,6 +138,87 @@ class PhysicsKernel(Kernel):
         return (j1 * self.prior_var) @ j2.transpose(-1, -2)
 
 
+class ExactModel(ExactGP):
+    """An exact GP with the given mean, kernel and likelihood (what BoTorch's ``SingleTaskGP`` is here,
+    without loading BoTorch and, through it, SciPy: half a second off every ``suggest``)."""
+
+    def __init__(self, z: Tensor, y: Tensor, likelihood: FixedNoiseGaussianLikelihood, mean: Mean, kernel: Kernel):
+        super().__init__(z, y, likelihood)
+        self.mean_module, self.covar_module = mean, kernel
+
+    def forward(self, z: Tensor) -> MultivariateNormal:
+        return MultivariateNormal(self.mean_module(z), self.covar_module(z))
+
+
+def fit_map(model: ExactModel, maxiter: int = 60) -> None:
+    """Fit ``model``'s hyperparameters by MAP: the negative log marginal likelihood plus log priors,
+    minimised over the raw (unconstrained) parameters by :func:`minimise`. If the objective cannot
+    be evaluated at the start (a matrix not positive definite), the starting values (the priors'
+    modes) stay.
+    """
+    mll = ExactMarginalLogLikelihood(model.likelihood, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    z, y = model.train_inputs[0], model.train_targets
+
+    def objective(x: Tensor) -> tuple[float, Tensor]:
+        torch.nn.utils.vector_to_parameters(x, params)
+        for p in params:
+            p.grad = None
+        try:
+            value = -mll(model(z), y)
+            value.backward()
+        except (NotPSDError, torch.linalg.LinAlgError):
+            return math.inf, torch.zeros_like(x)
+        grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+        return float(value.detach()), grad
+
+    model.train()
+    best = minimise(objective, torch.nn.utils.parameters_to_vector(params).detach().clone(), maxiter)
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(best, params)
+    model.eval()
+
+
+def minimise(f: Callable[[Tensor], tuple[float, Tensor]], x: Tensor, maxiter: int) -> Tensor:
+    """BFGS with a backtracking (Armijo) line search: the minimiser of a smooth ``f`` (value and
+    gradient) from ``x``, or the best point reached in ``maxiter`` steps. Dense, for the handful of
+    hyperparameters a GP has; ``f`` may return an infinite value where it is undefined."""
+    fx, g = f(x)
+    if not math.isfinite(fx):
+        return x
+    h = torch.eye(len(x), dtype=x.dtype)
+    for _ in range(maxiter):
+        if float(g.abs().max()) < 1e-5:
+            break
+        d = -(h @ g)
+        slope = float(g @ d)
+        if slope >= 0:  # not a descent direction: restart from steepest descent
+            h = torch.eye(len(x), dtype=x.dtype)
+            d, slope = -g, -float(g @ g)
+        step = 1.0
+        while True:
+            x_new = x + step * d
+            f_new, g_new = f(x_new)
+            if math.isfinite(f_new) and f_new <= fx + 1e-4 * step * slope:
+                break
+            step *= 0.5
+            if step < 1e-8:
+                return x
+        s, v = x_new - x, g_new - g
+        sv = float(s @ v)
+        if sv > 1e-12:
+            if _ == 0:
+                h = h * (sv / float(v @ v))
+            rho = 1.0 / sv
+            eye = torch.eye(len(x), dtype=x.dtype)
+            h = (eye - rho * torch.outer(s, v)) @ h @ (eye - rho * torch.outer(v, s)) + rho * torch.outer(s, s)
+        done = fx - f_new < 1e-9 * max(1.0, abs(fx))
+        x, fx, g = x_new, f_new, g_new
+        if done:
+            break
+    return x
+
+
 class PhysicsGP:
     """A GP on one log-scale outcome with the physics model as its prior (see module docstring)."""
 
@@ -168,7 +249,7 @@ class PhysicsGP:
         self.fixed_inputs: Tensor | None = None
         self.prior_mean, self.prior_sd = prior
         self.theta_lin = self.prior_mean.clone()
-        self.model: SingleTaskGP | None = None
+        self.model: ExactModel | None = None
         self._build_prior_modules()
 
     def _modules(self) -> tuple[PhysicsMean, Kernel]:
@@ -211,14 +292,7 @@ class PhysicsGP:
                 learn_additional_noise=True,
                 noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
             )
-            model = SingleTaskGP(
-                z,
-                y.unsqueeze(-1),
-                likelihood=likelihood,
-                mean_module=mean,
-                covar_module=kernel,
-                outcome_transform=None,
-            ).to(torch.double)
+            model = ExactModel(z, y, likelihood, mean, kernel).to(torch.double)
             model.likelihood.second_noise_covar.noise = self.residual.noise_sd**2
             if hypers is not None:  # a Gauss-Newton pass keeps the residual hyperparameters
                 model.load_state_dict(hypers, strict=False)
@@ -240,15 +314,9 @@ class PhysicsGP:
             noise_prior=GammaPrior(1.5, 1.5 / self.residual.noise_sd**2),
         )
         likelihood.second_noise_covar.noise = self.residual.noise_sd**2
-        model = SingleTaskGP(
-            z, y.unsqueeze(-1), likelihood=likelihood, mean_module=mean, covar_module=kernel, outcome_transform=None
-        ).to(torch.double)
-        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY), warnings.catch_warnings():
-            # L-BFGS may stop "abnormally" on a flat MAP surface; the iterate is still usable
-            warnings.simplefilter("ignore", OptimizationWarning)
-            fit_gpytorch_mll(
-                ExactMarginalLogLikelihood(likelihood, model), optimizer_kwargs={"options": {"maxiter": 60}}
-            )
+        model = ExactModel(z, y, likelihood, mean, kernel).to(torch.double)
+        with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
+            fit_map(model)
         return {k: v for k, v in model.state_dict().items() if "raw_" in k}
 
     def at_inputs(self, fixed: Tensor) -> PhysicsGP:

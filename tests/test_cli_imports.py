@@ -62,3 +62,35 @@ def test_commands_that_fit_nothing_import_nothing_heavy(tmp_path: Path) -> None:
         assert step["heavy"] == [], f"{step['args']} imported {step['heavy']}"
     assert "Recorded 2 result(s)" in report[2]["output"] and "Recorded 1 result(s)" in report[3]["output"]
     assert "E003" in report[5]["output"]  # the .xlsx row really was recorded
+
+
+SUGGEST = r"""
+import json, sys
+from typer.testing import CliRunner
+from supraopt.cli import app
+
+runner = CliRunner()
+campaign = sys.argv[1]
+assert runner.invoke(app, ["init", campaign]).exit_code == 0
+csv = campaign + ".csv"
+with open(csv, "w") as f:
+    f.write("concentration_mg_ml,flow_ratio,temperature_c,diameter_nm,pdi_pct\n")
+    f.write("4,3,25,450,4.5\n6,2.5,30,520,4.8\n3,4,35,380,5.2\n5,3.5,28,470,4.4\n")
+assert runner.invoke(app, ["record", campaign, "--csv", csv]).exit_code == 0
+result = runner.invoke(app, ["suggest", campaign, "--json"])
+print(json.dumps({"exit": result.exit_code, "output": result.output[-2000:],
+                  "loaded": [m for m in ("botorch", "scipy", "sympy") if m in sys.modules]}))
+"""
+
+
+def test_suggest_fits_without_botorch_or_scipy(tmp_path: Path) -> None:
+    """A suggestion fits its GPs (4 runs: hyperparameters by MAP) with GPyTorch alone: importing BoTorch
+    would pull in SciPy's optimiser and spatial modules, half a second of every ``suggest``."""
+    done = subprocess.run(
+        [sys.executable, "-c", SUGGEST, str(tmp_path / "c")], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["exit"] == 0, report["output"]
+    assert json.loads(report["output"])  # a real suggestion came out
+    assert report["loaded"] == [], report

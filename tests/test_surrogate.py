@@ -12,8 +12,11 @@ from supraopt import physics
 from supraopt.physics import PDI_PARAMETERS, SIZE_PARAMETERS, Preset
 from supraopt.space import SearchSpace
 from supraopt.surrogate import (
+    ExactModel,
     FeasibilityModel,
     failure_edge,
+    fit_map,
+    minimise,
     pdi_gp,
     pdi_noise_var,
     size_gp,
@@ -31,6 +34,52 @@ def physical(rows: list[tuple[float, float, float]]) -> torch.Tensor:
 
 def random_unit(n: int, seed: int) -> torch.Tensor:
     return torch.rand(n, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.double)
+
+
+# --- MAP fitting ------------------------------------------------------------------------------------
+
+
+def test_minimise_finds_the_minimum_of_a_curved_valley():
+    def rosenbrock(x: torch.Tensor) -> tuple[float, torch.Tensor]:
+        a, b = float(x[0]), float(x[1])
+        value = (1 - a) ** 2 + 100 * (b - a * a) ** 2
+        grad = torch.tensor([-2 * (1 - a) - 400 * a * (b - a * a), 200 * (b - a * a)], dtype=torch.double)
+        return value, grad
+
+    best = minimise(rosenbrock, torch.tensor([-1.2, 1.0], dtype=torch.double), maxiter=200)
+    assert torch.allclose(best, torch.ones(2, dtype=torch.double), atol=1e-3)
+
+
+def test_minimise_steps_around_where_the_objective_is_undefined():
+    def walled(x: torch.Tensor) -> tuple[float, torch.Tensor]:  # (x - 2)^2, undefined beyond x = 2.5
+        if float(x[0]) > 2.5:
+            return math.inf, torch.zeros(1, dtype=torch.double)
+        return float((x[0] - 2) ** 2), 2 * (x - 2)
+
+    best = minimise(walled, torch.tensor([-10.0], dtype=torch.double), maxiter=50)
+    assert abs(float(best[0]) - 2.0) < 1e-3
+    assert minimise(walled, torch.tensor([3.0], dtype=torch.double), maxiter=50).item() == 3.0  # undefined start
+
+
+def test_fit_map_recovers_a_long_lengthscale_and_lowers_the_objective():
+    z = torch.linspace(0, 1, 30, dtype=torch.double).unsqueeze(-1)
+    y = torch.sin(2 * z.squeeze(-1))  # smooth on the unit interval: a lengthscale well above the start
+    likelihood = gpytorch.likelihoods.GaussianLikelihood().double()
+    kernel = gpytorch.kernels.ScaleKernel(gpytorch.kernels.MaternKernel(nu=2.5)).double()
+    kernel.base_kernel.lengthscale = 0.05
+    model = ExactModel(z, y, likelihood, gpytorch.means.ConstantMean().double(), kernel)
+    mll = gpytorch.mlls.ExactMarginalLogLikelihood(likelihood, model)
+
+    def loss() -> float:
+        model.train()
+        with torch.no_grad():
+            return float(-mll(model(z), y))
+
+    before = loss()
+    fit_map(model)
+    assert not model.training  # left ready to predict
+    assert loss() < before - 0.5
+    assert kernel.base_kernel.lengthscale.item() > 0.3
 
 
 # --- scale choice ----------------------------------------------------------------------------------
