@@ -187,7 +187,7 @@ def minimise(f: Callable[[Tensor], tuple[float, Tensor]], x: Tensor, maxiter: in
     if not math.isfinite(fx):
         return x
     h = torch.eye(len(x), dtype=x.dtype)
-    for _ in range(maxiter):
+    for step_no in range(maxiter):
         if float(g.abs().max()) < 1e-5:
             break
         d = -(h @ g)
@@ -207,7 +207,7 @@ def minimise(f: Callable[[Tensor], tuple[float, Tensor]], x: Tensor, maxiter: in
         s, v = x_new - x, g_new - g
         sv = float(s @ v)
         if sv > 1e-12:
-            if _ == 0:
+            if step_no == 0:  # scale the first inverse Hessian guess to the curvature seen
                 h = h * (sv / float(v @ v))
             rho = 1.0 / sv
             eye = torch.eye(len(x), dtype=x.dtype)
