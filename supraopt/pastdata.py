@@ -247,7 +247,8 @@ CONTEXT_PREFIX = "context:"
 
 @dataclass(frozen=True)
 class Context:
-    """A column the user asked to use as a condition of the runs (``--context COLUMN[:category]``)."""
+    """A column used as a condition of the runs: asked for (``--context COLUMN[:category]``), or a field of
+    :data:`CONTEXT_FIELDS` (then named by the field, e.g. ``aspect_ratio``, whatever the file's header)."""
 
     column: str
     kind: str
