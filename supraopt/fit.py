@@ -12,10 +12,11 @@ when the rig measures droplets):
 
 * **supraparticle**: concentration, flow ratio, temperature -> SP diameter and polydispersity, with
   :func:`supraopt.surrogate.size_gp` / :func:`~supraopt.surrogate.pdi_gp` (droplet law + mass balance).
-* **droplet**: flow ratio and, where present, capillary number, orifice width, channel aspect
-  ratio and temperature -> droplet diameter, with the log-linear law
-  ``d_drop = k * w * r^-a * Ca^b * (h/w)^c * exp(b_T * (T - T_ref) / 10)``. Only the columns that
-  are present and vary enter. When the droplet law is the preset's own (flow ratio and
+* **droplet**: flow ratio and, where present, capillary number, orifice width and temperature ->
+  droplet diameter, with the log-linear law ``d_drop = k * w * r^-a * Ca^b * exp(b_T * (T - T_ref) / 10)``.
+  Only the columns that are present and vary enter. The channel aspect ratio ``h/w`` is read as a
+  numeric context (:data:`~supraopt.pastdata.CONTEXT_FIELDS`): the preset's ``[context_terms]`` give
+  it its term ``(h/w)^c``, in both stages, as in campaigns. When the droplet law is the preset's own (flow ratio and
   temperature only, the preset's nozzle), its posterior becomes the SP stage's prior for the
   droplet parameters: then SP sizes identify the packing fraction separately.
 
@@ -101,13 +102,12 @@ data sets pool devices whose differences the columns do not hold: a broad prior 
 DROPLET_TERMS = {
     "flow_ratio": "droplet_exponent_a",
     "capillary_number": "capillary_exponent_b",
-    "aspect_ratio": "aspect_exponent_c",
     "temperature_c": "droplet_temp_per_10c",
 }
 """Droplet-law input -> its parameter (orifice width enters as ``w``, without a parameter)."""
 UNKNOWN_DEVICE_LOG_K_SD = 3.0
 """Prior sd of ln k for droplet-only data without an orifice width: the preset's nozzle says nothing then."""
-DROPLET_PRIORS = {"capillary_exponent_b": (-0.2, 0.1), "aspect_exponent_c": (0.0, 0.3)}
+DROPLET_PRIORS = {"capillary_exponent_b": (-0.2, 0.1)}
 """Priors of the droplet-law terms the presets do not carry (SCIENCE.md section 3)."""
 
 
@@ -350,11 +350,11 @@ def _column(frame: pd.DataFrame, name: str, default: float) -> Tensor:
 
 
 def droplet_law(inputs: Sequence[str], width_um: float | None, reference_temperature_c: float) -> PhysicsFn:
-    """``ln d_drop = ln k + ln w - a ln r + b ln Ca + c ln(h/w) + b_T (T - T_ref)/10`` over the given inputs.
+    """``ln d_drop = ln k + ln w - a ln r + b ln Ca + b_T (T - T_ref)/10`` over the given inputs.
 
     ``theta`` holds ``ln k`` then one parameter per input in :data:`DROPLET_TERMS` order; the orifice
     width comes from the inputs when it varies, else it is the constant ``width_um``. (Numeric contexts
-    the physics names, e.g. the expansion ratio, are added as parts: :func:`_parts`.)
+    the physics names, e.g. the aspect and expansion ratios, are added as parts: :func:`_parts`.)
     """
     terms = [(inputs.index(name), name) for name in DROPLET_TERMS if name in inputs]
     width_index = inputs.index("orifice_width_um") if "orifice_width_um" in inputs else None
@@ -377,7 +377,7 @@ def droplet_law(inputs: Sequence[str], width_um: float | None, reference_tempera
 
 
 def droplet_stage(runs: Runs, preset: Preset, priors: ContextPriors) -> Stage | None:
-    """Flow ratio and whatever else varies (Ca, orifice width, aspect ratio, temperature) -> droplet diameter.
+    """Flow ratio and whatever else varies (Ca, orifice width, temperature) -> droplet diameter.
 
     Contexts follow: numbers the preset names get a power-law term, every number is a GP input, every
     category per-level offsets where its effect is in the droplet law (``log_droplet_k`` or the scale;

@@ -172,7 +172,10 @@ IMPLIED_UNITS = {
 }
 """Header names that say their unit: 'phi_i' is a volume fraction, 'Qd/Qc' the inverse ratio."""
 SP_INPUTS = PARAMETERS
-DROPLET_INPUTS = ("flow_ratio", "capillary_number", "orifice_width_um", "aspect_ratio", "temperature_c")
+DROPLET_INPUTS = ("flow_ratio", "capillary_number", "orifice_width_um", "temperature_c")
+CONTEXT_FIELDS = ("aspect_ratio",)
+"""Fields read as numeric contexts (:class:`Context`, named by the field): conditions of the chip that the
+physics names through the preset's ``[context_terms]``, so a fit and a campaign give them one term."""
 
 
 def _name_key(text: str) -> str:
@@ -244,7 +247,8 @@ CONTEXT_PREFIX = "context:"
 
 @dataclass(frozen=True)
 class Context:
-    """A column the user asked to use as a condition of the runs (``--context COLUMN[:category]``)."""
+    """A column used as a condition of the runs: asked for (``--context COLUMN[:category]``), or a field of
+    :data:`CONTEXT_FIELDS` (then named by the field, e.g. ``aspect_ratio``, whatever the file's header)."""
 
     column: str
     kind: str
@@ -470,6 +474,8 @@ def _read_contexts(
         column = asked if asked in columns else by_lower.get(asked.lower())
         if column is None:
             raise InputError(f"--context {asked!r} names no column; columns: {columns}.")
+        if column in used and used[column] in CONTEXT_FIELDS and kind != CATEGORY:
+            continue  # read as a number context already (CONTEXT_FIELDS)
         if column in used:
             raise InputError(
                 f"--context {column!r}: that column is already read as {BY_NAME[used[column]].label}; "
@@ -575,6 +581,10 @@ def read_runs(
         )
     _check_filled(out, resolved)
     read = _read_contexts(frame, out, contexts or {}, resolved)
+    fields = tuple(Context(name, NUMBER) for name in CONTEXT_FIELDS if name in out)
+    for context in fields:
+        out[context.key] = out.pop(context.column)
+    read = fields + read
     taken = {column for column, _ in resolved.values()} | {c.column for c in read}
     taken |= {column for column in mapping.values() if column}
     unused = tuple(Unused(c, suggest_use(c, frame[c])) for c in frame.columns if c not in taken)
@@ -603,7 +613,9 @@ def _check_stages(out: pd.DataFrame, resolved: Mapping[str, tuple[str, str]], so
 
 def _check_filled(out: pd.DataFrame, resolved: Mapping[str, tuple[str, str]]) -> None:
     """Settings are filled in every row, results in every row that did not fail."""
-    settings = [c for c in ("q_continuous", "q_dispersed", *PARAMETERS, *DROPLET_INPUTS) if c in resolved]
+    settings = [
+        c for c in ("q_continuous", "q_dispersed", *PARAMETERS, *DROPLET_INPUTS, *CONTEXT_FIELDS) if c in resolved
+    ]
     results = [c for c in ("diameter_nm", "pdi_pct", "n_particles", "droplet_um") if c in resolved]
     hint = f", or give a failure reason in column {resolved['failed'][0]!r}" if "failed" in resolved else ""
     for record in out.to_dict("records"):

@@ -23,6 +23,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLoca
 
 from supraopt.fit import MODELS, CVResult, FitResult
 from supraopt.ledger import Status
+from supraopt.pastdata import CONTEXT_PREFIX
 from supraopt.records import PARAMETERS
 from supraopt.space import SearchSpace
 from supraopt.surrogate import Feasibility, PhysicsGP
@@ -36,13 +37,15 @@ AXIS = {
     "temperature_c": "temperature (°C)",
     "capillary_number": "capillary number Ca (–)",
     "orifice_width_um": "orifice width (µm)",
-    "aspect_ratio": "channel aspect ratio h/w (–)",
+    CONTEXT_PREFIX + "aspect_ratio": "channel aspect ratio h/w (–)",  # read as a context (CONTEXT_FIELDS)
     "diameter_nm": "SP diameter (nm)",
     "pdi_pct": "polydispersity, CV (%)",
     "droplet_um": "droplet diameter (µm)",
 }
 """Axis label, with its unit, of every column supraopt plots."""
-LOG_AXES = frozenset({"concentration_mg_ml", "flow_ratio", "capillary_number", "orifice_width_um", "aspect_ratio"})
+LOG_AXES = frozenset(
+    {"concentration_mg_ml", "flow_ratio", "capillary_number", "orifice_width_um", CONTEXT_PREFIX + "aspect_ratio"}
+)
 COLORS = {"physics only": "tab:blue", "GP only": "tab:gray", "physics + GP": "tab:red"}
 GRID = 60
 MAX_ERROR_BARS = 150

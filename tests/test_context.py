@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from supraopt.campaign import Campaign
 from supraopt.cli import app
+from supraopt.context import load_terms, name_key
 from supraopt.errors import InputError, SpecError
 from supraopt.ledger import Ledger
 from supraopt.loop import run_campaign
@@ -265,6 +266,24 @@ def test_a_numeric_context_the_physics_names_is_a_power_law_term_of_the_size(cam
         mean, _ = surrogates.size.moments(campaign.space.to_unit(campaign.space.tensor([settings])))
     truth = float(world.diameter_nm(4.0, 5.0, 40.0)) * 8.0**0.3
     assert abs(math.exp(float(mean[0])) / truth - 1) < 0.06
+
+
+def test_a_stated_aspect_ratio_moves_the_predicted_size_by_the_presets_exponent(campaign: Campaign) -> None:
+    """Every run on chips of h/w = 1, then a chip twice as deep: the preset's ``[context_terms] aspect_ratio``
+    (the same term ``supraopt fit`` gives an aspect-ratio column) expects SPs 2^c larger before any run on it."""
+    exponent, sd = load_terms(campaign.spec.model)[name_key("aspect_ratio")].prior
+    assert exponent > 0  # deeper channels, larger droplets (confined droplets: volume ~ h w^2)
+    _runs_on(campaign, World.default(), {"aspect_ratio": 1.0}, 6, seed=5)
+    settings = {"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}
+    z = campaign.space.to_unit(campaign.space.tensor([settings]))
+    at_1, at_2 = campaign.fit(context={"aspect_ratio": 1.0}), campaign.fit(context={"aspect_ratio": 2.0})
+    assert "aspect_exponent_c" in at_2.size.names
+    with torch.no_grad():
+        mean_1, var_1 = at_1.size.moments(z)
+        mean_2, var_2 = at_2.size.moments(z)
+    ratio = math.exp(float(mean_2[0] - mean_1[0]))
+    assert abs(ratio / 2.0**exponent - 1) < 0.03, (ratio, 2.0**exponent)
+    assert float(var_2[0] - var_1[0]) > 0.5 * (sd * math.log(2.0)) ** 2  # the exponent is a prior, never run
 
 
 def test_without_context_the_model_is_the_plain_one(campaign: Campaign) -> None:

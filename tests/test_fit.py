@@ -119,10 +119,11 @@ def test_droplet_fit_recovers_the_law_of_section_3(tmp_path, preset):
             "aspect_ratio": rng.uniform(1.0, 3.0, n),
         }
     )
-    inputs = ("flow_ratio", "capillary_number", "orifice_width_um", "aspect_ratio")
+    inputs = ("flow_ratio", "capillary_number", "orifice_width_um")
     theta = torch.tensor([0.4, 0.25, -0.12, 0.2], dtype=torch.double)  # ln k, a, b, c
     law = droplet_law(inputs, None, 25.0)
-    log_d = law(torch.tensor(frame[list(inputs)].to_numpy(), dtype=torch.double), theta).numpy()
+    log_d = law(torch.tensor(frame[list(inputs)].to_numpy(), dtype=torch.double), theta[:3]).numpy()
+    log_d += float(theta[3]) * np.log(frame["aspect_ratio"].to_numpy())  # the preset's [context_terms] aspect_ratio
     frame["droplet_um"] = np.exp(log_d + rng.normal(0, 0.02, n))
     path = tmp_path / "droplets.csv"
     frame.to_csv(path, index=False)

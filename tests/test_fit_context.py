@@ -284,6 +284,29 @@ def test_into_carries_each_chip_and_the_spread_between_chips_into_the_campaign(t
     assert min(predicted["A"][0], predicted["B"][0]) < predicted["new"][0] < max(predicted["A"][0], predicted["B"][0])
 
 
+def test_an_aspect_ratio_column_is_the_campaigns_aspect_ratio_context_and_into_carries_its_term(tmp_path, preset):
+    """An 'h/w' column is read as the context aspect_ratio (also when --context names it), fitted with the
+    preset's [context_terms] term, and --into declares it in the campaign with the fitted exponent."""
+    frame = chip_sps(preset, 30, seed=6, shifts={"one": 0.0})
+    frame["h/w"] = np.resize([1.0, 1.5, 2.0], len(frame))
+    frame["diameter_nm"] *= frame["h/w"] ** 0.6  # deeper than the preset's prior exponent (0.33 +- 0.2) says
+    path = write(tmp_path / "sp.csv", frame.drop(columns="chip"))
+    out, into = tmp_path / "out", tmp_path / "next"
+    args = ["fit", str(path), "--context", "h/w", "--folds", "0", "--no-plots", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--into", str(into), "--target-nm", "450"])
+    assert result.exit_code == 0, result.output
+    assert "context aspect_ratio (number)" in result.output and "aspect_exponent_c" in result.output
+    with Campaign.open(into) as campaign:
+        assert {n: v.kind for n, v in campaign.spec.context.items()} == {"aspect_ratio": "number"}
+        settings = {"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}
+        z = campaign.space.to_unit(campaign.space.tensor([settings]))
+        with torch.no_grad():
+            at_1 = campaign.fit(context={"aspect_ratio": 1.0}).size.moments(z)[0]
+            at_2 = campaign.fit(context={"aspect_ratio": 2.0}).size.moments(z)[0]
+    exponent = float(at_2[0] - at_1[0]) / math.log(2.0)
+    assert abs(exponent - 0.6) < 0.1, exponent  # the fitted exponent, not the preset's 0.33
+
+
 def test_into_refuses_a_context_name_a_campaign_cannot_declare_and_writes_nothing(tmp_path, preset):
     frame = chip_sps(preset, 12, seed=4, shifts={"A": 0.0, "B": 0.1}).rename(columns={"chip": "chip id"})
     path = write(tmp_path / "sp.csv", frame)
