@@ -296,6 +296,8 @@ def test_an_aspect_ratio_column_is_the_campaigns_aspect_ratio_context_and_into_c
     result = runner.invoke(app, [*args, "--into", str(into), "--target-nm", "450"])
     assert result.exit_code == 0, result.output
     assert "context aspect_ratio (number)" in result.output and "aspect_exponent_c" in result.output
+    columns_read = result.output.split("Columns read")[1].split("└")[0]
+    assert columns_read.count("h/w") == 1 and "aspect_ratio (context, number)" in columns_read  # listed once
     with Campaign.open(into) as campaign:
         assert {n: v.kind for n, v in campaign.spec.context.items()} == {"aspect_ratio": "number"}
         settings = {"concentration_mg_ml": 4.0, "flow_ratio": 5.0, "temperature_c": 40.0}

@@ -113,7 +113,7 @@ def fit_command(
             transfer_summary,
             write_tables,
         )
-        from supraopt.pastdata import parse_contexts, parse_pairs, read_runs
+        from supraopt.pastdata import CONTEXT_FIELDS, parse_contexts, parse_pairs, read_runs
         from supraopt.paths import check_input_file, check_new_folder, check_output_folder
         from supraopt.physics import Preset
 
@@ -141,8 +141,10 @@ def fit_command(
         for header in ("field", "column", "unit"):
             read.add_column(header)
         for name, (column, unit_name) in runs.mapping.items():
-            read.add_row(name, column, unit_name)
+            read.add_row(f"{name} (context, number)" if name in CONTEXT_FIELDS else name, column, unit_name)
         for ctx in runs.contexts:
+            if ctx.column in CONTEXT_FIELDS and ctx.column in runs.mapping:
+                continue  # shown with the fields above
             levels = f"{len(ctx.levels)} levels" if ctx.levels else ""
             read.add_row(f"context ({ctx.kind})", ctx.column, levels)
         console.print(read)
