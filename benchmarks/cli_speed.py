@@ -8,7 +8,9 @@ measured runs drawn from the simulated twin at random settings. The commands are
 so that a busy machine slows all of them alike, and every figure is reported next to
 ``python -c "import torch, botorch"`` timed in the same rounds: the ratio is what carries over
 between machines. Commands that change the campaign (suggest, record, init) get a fresh copy of it
-each time, made outside the timing.
+each time, made outside the timing. One untimed round comes first, and the commands run with
+Python's bytecode cache on (``PYTHONDONTWRITEBYTECODE`` removed from their environment), as on a
+chemist's machine: otherwise every process would compile supraopt's own modules again.
 """
 
 from __future__ import annotations
@@ -66,9 +68,12 @@ def commands(work: Path, campaign: Path, pending: str) -> dict[str, tuple[list[s
     }
 
 
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def timed(argv: list[str]) -> float:
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True, check=False)
+    done = subprocess.run(argv, capture_output=True, text=True, check=False, env=CHILD_ENV)
     elapsed = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout}{done.stderr}")
@@ -94,14 +99,17 @@ def main() -> None:
         todo = commands(work, campaign_dir, pending)
         times: dict[str, list[float]] = {BASELINE: [], **{name: [] for name in todo}}
         load_before = os.getloadavg()[0]
-        for _ in range(args.repeats):
-            times[BASELINE].append(timed([sys.executable, "-c", "import torch, botorch"]))
+        for round_no in range(args.repeats + 1):  # round 0 warms the caches and is not counted
+            elapsed = {BASELINE: timed([sys.executable, "-c", "import torch, botorch"])}
             for name, (argv, fresh) in todo.items():
                 if fresh:
                     shutil.rmtree(campaign_dir)
                     shutil.copytree(master, campaign_dir)
                     shutil.rmtree(work / "new", ignore_errors=True)
-                times[name].append(timed([*supraopt, *argv]))
+                elapsed[name] = timed([*supraopt, *argv])
+            if round_no:
+                for name, value in elapsed.items():
+                    times[name].append(value)
         load_after = os.getloadavg()[0]
     base = statistics.median(times[BASELINE])
     print(

@@ -537,8 +537,9 @@ class Window:
         """P(inside) at log values ``u`` (any shape); differentiable."""
         u = u.unsqueeze(-1)
         w_low, w_high = torch.softmax(self.log_low, 0), torch.softmax(self.log_high, 0)
-        p_low = (w_low * torch.special.ndtr((u - self.low_grid) / self.SOFTNESS)).sum(-1)
-        p_high = (w_high * torch.special.ndtr((self.high_grid - u) / self.SOFTNESS)).sum(-1)
+        low, high = w_low > 1e-12, w_high > 1e-12  # grid points without weight change nothing (< 1e-9 in all)
+        p_low = (w_low[low] * torch.special.ndtr((u - self.low_grid[low]) / self.SOFTNESS)).sum(-1)
+        p_high = (w_high[high] * torch.special.ndtr((self.high_grid[high] - u) / self.SOFTNESS)).sum(-1)
         return p_low * p_high
 
 
