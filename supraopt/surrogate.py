@@ -14,7 +14,7 @@ how well the physics pins each direction (a move in flow ratio carries the dropl
 exponent's uncertainty, a move in concentration the mass-balance exponent's). For the nonlinear
 polydispersity law ``theta_lin`` is moved to the posterior mean and the GP refitted
 (Gauss-Newton). Residual hyperparameters (lengthscales, outputscale, extra noise) are fitted by
-MAP under their priors (L-BFGS on the log marginal likelihood plus log priors, :func:`fit_map`).
+MAP under their priors (BFGS on the log marginal likelihood plus log priors, :func:`fit_map`).
 
 Inputs are unit-cube points (see :mod:`supraopt.space`); the mean and kernel map them back to
 physical units themselves. Outcomes are modelled unstandardised on their physical log scale (no
@@ -140,7 +140,7 @@ class PhysicsKernel(Kernel):
 
 class ExactModel(ExactGP):
     """An exact GP with the given mean, kernel and likelihood (what BoTorch's ``SingleTaskGP`` is here,
-    without loading BoTorch and, through it, SciPy: half a second off every ``suggest``)."""
+    without loading BoTorch and, through it, SciPy: 0.3-0.5 s off every ``suggest``)."""
 
     def __init__(self, z: Tensor, y: Tensor, likelihood: FixedNoiseGaussianLikelihood, mean: Mean, kernel: Kernel):
         super().__init__(z, y, likelihood)
