@@ -22,7 +22,7 @@ import pandas as pd
 
 from supraopt.errors import InputError
 from supraopt.records import PARAMETERS
-from supraopt.tables import SPREADSHEETS
+from supraopt.tables import SPREADSHEETS, decimal_point, delimiter
 
 if TYPE_CHECKING:
     from supraopt.physics import Preset
@@ -326,11 +326,13 @@ def read_table(path: Path, sheet: str | None = None) -> tuple[pd.DataFrame, int]
             first_row = 1
         else:
             with open(path, encoding="utf-8-sig") as handle:
-                comments = 0
+                comments, line = 0, ""  # comment and blank lines above the header
                 for line in handle:
-                    if not line.lstrip().startswith("#"):
+                    if line.strip() and not line.lstrip().startswith("#"):
                         break
                     comments += 1
+            if not line.strip() or line.lstrip().startswith("#"):
+                raise InputError(f"{path} is empty: no header and no rows of data.")
             frame = pd.read_csv(
                 path,
                 dtype=str,
@@ -341,6 +343,10 @@ def read_table(path: Path, sheet: str | None = None) -> tuple[pd.DataFrame, int]
                 encoding="utf-8-sig",
             )
             first_row = comments + 2  # the header is a row too, as in a spreadsheet
+            if delimiter(line) != ",":  # a European spreadsheet's CSV: ';' between cells, ',' before decimals
+                frame = frame.map(decimal_point)
+    except InputError:
+        raise
     except (OSError, ValueError, csv.Error, pd.errors.ParserError, UnicodeDecodeError) as error:
         raise InputError(f"{path} cannot be read as CSV or Parquet: {str(error).strip().splitlines()[0]}.") from None
     if frame.empty:

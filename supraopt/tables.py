@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,19 @@ from supraopt.errors import InputError
 
 SPREADSHEETS = frozenset({".xlsx", ".xlsm"})
 """Suffixes read as Excel workbooks (openpyxl); everything else is read as CSV."""
+DECIMAL_COMMA = re.compile(r"^(\s*[+-]?\d*),(\d+(?:[eE][+-]?\d+)?\s*)$")
+"""A number written with a decimal comma ('4,70'), as a German or French spreadsheet saves CSV."""
+
+
+def delimiter(header: str) -> str:
+    """The cell separator a CSV header line uses: ';' or a tab when it has that and no comma (a European
+    spreadsheet's CSV, whose numbers then carry decimal commas), else ','."""
+    return next((d for d in ";\t" if d in header and "," not in header), ",")
+
+
+def decimal_point(cell: str) -> str:
+    """'4,70' -> '4.70'; any other text unchanged. Only for files whose cells are not split by commas."""
+    return DECIMAL_COMMA.sub(r"\1.\2", cell)
 
 
 @dataclass(frozen=True)
@@ -45,11 +59,15 @@ def read_rows(path: Path, sheet: str | None = None, what: str = "CSV file") -> T
         raise InputError(f"--sheet {sheet!r} only applies to .xlsx files; {path} is read as CSV.")
     try:
         with open(path, encoding="utf-8-sig", newline="") as handle:
-            reader = csv.reader(handle, strict=True)
+            separator = delimiter(handle.readline())
+            handle.seek(0)
+            reader = csv.reader(handle, delimiter=separator, strict=True)
             header = next(reader, None)
             if header is None:
                 raise InputError(f"{what} {path} cannot be read: it is empty.")
             lines = [(reader.line_num, line) for line in reader]
+        if separator != ",":
+            lines = [(number, [decimal_point(cell) for cell in line]) for number, line in lines]
     except (csv.Error, UnicodeDecodeError) as error:
         raise InputError(f"{what} {path} cannot be read: {str(error).strip().splitlines()[0]}.") from None
     return _table(path, header, lines, first_row=2)

@@ -102,3 +102,31 @@ def test_record_with_a_missing_sheet_is_a_one_line_error(campaign_dir: Path, tmp
     result = CliRunner().invoke(app, ["record", str(campaign_dir), "--csv", str(path), "--sheet", "Sheet2"])
     assert result.exit_code == 1
     assert result.output.strip() == f"error: {path} has no sheet 'Sheet2'; its sheets are 'Sheet1'."
+
+
+def test_a_european_csv_reads_like_the_same_csv_with_commas(tmp_path: Path) -> None:
+    """Excel in a German or French locale saves CSV with ';' between cells and decimal commas."""
+    source = REPO / "examples" / "data" / "twin_runs.csv"
+    text = source.read_text(encoding="utf-8")
+    european = "\n".join(
+        line if line.startswith("#") else ";".join(cell.replace(".", ",") for cell in line.split(","))
+        for line in text.splitlines()
+    )
+    path = tmp_path / "twin_de.csv"
+    path.write_text(european, encoding="utf-8-sig")
+    preset = Preset.load("cspbbr3-flow-focusing")
+    ours, theirs = read_runs(source, preset), read_runs(path, preset)
+    assert theirs.mapping == ours.mapping
+    same = list(ours.frame.columns)
+    assert theirs.frame[same].round(9).equals(ours.frame[same].round(9))
+    data = [line for line in european.splitlines() if not line.startswith("#")]
+    (tmp_path / "no_comments.csv").write_text("\n".join(data), encoding="utf-8")
+    table = read_rows(tmp_path / "no_comments.csv")  # record --csv reads through here
+    assert table.columns[:3] == ["Sample", "c (mg/mL)", "Qc/Qd"]
+    assert [row["c (mg/mL)"] for row in table.rows[:2]] == ["2.59", "5.533"]
+
+
+def test_a_comma_in_a_comma_separated_file_is_not_a_decimal_point(tmp_path: Path) -> None:
+    path = tmp_path / "r.csv"
+    path.write_text('id,note\nE001,"4,70"\n', encoding="utf-8")
+    assert read_rows(path).rows == [{"id": "E001", "note": "4,70"}]
