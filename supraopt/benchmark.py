@@ -237,10 +237,10 @@ def run_task(task: Task) -> dict[str, Any]:
     }
 
 
-def run_swap_task(task: Task, observe: Callable[[Any, Any, World], None] | None = None) -> dict[str, Any]:
+def run_swap_task(task: Task, observe: Callable[[Campaign, Any, Any, World], None] | None = None) -> dict[str, Any]:
     """Hit once, swap the rig (see :class:`Swap`), count the experiments to hit again.
 
-    ``observe(suggestion, result, world)`` is called after every run (``benchmarks/trace.py``)."""
+    ``observe(campaign, suggestion, result, world)`` is called after every run (``benchmarks/trace.py``)."""
     import torch
 
     swap = SCENARIOS[task.scenario]
@@ -266,7 +266,7 @@ def run_swap_task(task: Task, observe: Callable[[Any, Any, World], None] | None 
                 result = world.sample(suggestion.settings, rng)
                 campaign.record(suggestion.experiment_id, result)
                 if observe is not None:
-                    observe(suggestion, result, world)
+                    observe(campaign, suggestion, result, world)
                 if isinstance(result, Measurement) and target.is_hit(result.diameter_nm, result.pdi_pct):
                     return step
             return budget + 1
