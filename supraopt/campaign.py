@@ -115,7 +115,9 @@ def constant_gp(space: SearchSpace, log_center: float, residual: ResidualPrior) 
         return theta[..., :1] + 0.0 * x[..., 0]
 
     prior = (torch.tensor([log_center], dtype=torch.double), torch.tensor([2.0], dtype=torch.double))
-    return PhysicsGP(fn, prior, ("log_mean",), space, residual)
+    gp = PhysicsGP(fn, prior, ("log_mean",), space, residual)
+    gp.inflatable = ()  # plain BO: a wide constant, nothing for the data to contradict
+    return gp
 
 
 @dataclass(frozen=True)

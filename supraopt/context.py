@@ -250,6 +250,7 @@ def add_parts(
     dims = gp.residual_dims if residual_dims is None else residual_dims
     out = PhysicsGP(fn, (mean, sd), names, space or gp.space, gp.residual, residual_dims=dims)
     out.fit_subset = gp.fit_subset
+    out.inflatable = gp.names if gp.inflatable is None else gp.inflatable
     return out
 
 

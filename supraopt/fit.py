@@ -192,6 +192,8 @@ class Outcome:
     """Contexts in this outcome's physics: categories' level offsets, named numbers' power-law terms."""
     effects: Mapping[str, ContextEffect] = field(default_factory=dict)
     """Category -> its effect (the prior of its between-level sd)."""
+    inflatable: tuple[str, ...] | None = None
+    """Parameters whose prior the fit may widen (:attr:`PhysicsGP.inflatable`); None: all of ``names``."""
 
     def gp(self, space: InputBox | SearchSpace | JoinedBox, physics_only: bool = False) -> PhysicsGP:
         """The physics + GP model, or with the residual switched off (its misfit then counts as noise)."""
@@ -202,6 +204,7 @@ class Outcome:
             residual = replace(residual, lengthscale_mean=residual.lengthscale_mean * math.sqrt(space.dim / 3))
         gp = PhysicsGP(self.fn, self.prior, self.names, space, residual)
         gp.fit_subset = HYPER_SUBSET
+        gp.inflatable = self.inflatable
         return add_parts(gp, self.parts) if self.parts else gp
 
     def fit(
@@ -330,7 +333,7 @@ def sp_stage(runs: Runs, preset: Preset, priors: ContextPriors) -> Stage:
         Outcome(
             "diameter_nm", "SP diameter", "nm", torch.log(diameter), size_noise_var(pdi, n), size_fn,
             physics.SIZE_PARAMETERS, preset.prior(physics.SIZE_PARAMETERS), SIZE_RESIDUAL, 0,
-            *size_parts,
+            *size_parts, inflatable=preset.inflatable(physics.SIZE_PARAMETERS),
         )
     ]  # fmt: skip
     if "pdi_pct" in ok:
@@ -829,6 +832,10 @@ def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> Non
             raise InputError(f"{error} --into declares it in campaign.toml [context]: rename the column.") from None
 
 
+WIDENED_NOTE = 2.0
+"""A fit whose learned prior inflation (:attr:`PhysicsGP.inflation`) exceeds this says so."""
+
+
 def fit_runs(
     runs: Runs,
     model: str = "cspbbr3-flow-focusing",
@@ -863,7 +870,8 @@ def fit_runs(
             # the SP stage's CV then starts from droplet sizes of every run, held-out ones included:
             # a small leak, of a different measurement (droplets), never of the SP sizes it predicts
             post = droplet.posteriors["droplet_um"]
-            preset = preset.with_priors({n: (float(post.mean[i]), float(post.sd[i])) for i, n in enumerate(post.names)})
+            droplet_law = {n: (float(post.mean[i]), float(post.sd[i])) for i, n in enumerate(post.names)}
+            preset = preset.with_priors(droplet_law, measured=True)
             notes.append("two-stage fit: the droplet-stage posterior is the SP stage's prior for the droplet law.")
         else:
             notes.append(
@@ -878,10 +886,17 @@ def fit_runs(
         space = stage.space.head if isinstance(stage.space, JoinedBox) else stage.space
         assert isinstance(space, SearchSpace)  # sp_stage's space is the campaign kind (then its contexts)
         feasibility = FeasibilityModel(preset, space, stage.x[:, : space.dim], failures)
-    for fitted in (sp, droplet):
-        if fitted is not None and fitted.cv is None:
-            notes.append(f"{fitted.stage.name} stage: no cross-validation (fewer than 4 runs, or --folds below 2).")
     fitted_stages = [s for s in (sp, droplet) if s is not None]
+    for fitted in fitted_stages:
+        for column, gp in fitted.gps.items():
+            if gp.inflation > WIDENED_NOTE:
+                notes.append(
+                    f"{fitted.stage.name} stage, {column}: the runs lie far outside {model}'s prior; the fit widened "
+                    f"its parameter sds {gp.inflation**0.5:.1f}x to follow them (a preset closer to this rig would "
+                    "predict better from few runs)."
+                )
+        if fitted.cv is None:
+            notes.append(f"{fitted.stage.name} stage: no cross-validation (fewer than 4 runs, or --folds below 2).")
     holdouts = tuple(holdout(s.stage, train_rows, draws, seed) for s in fitted_stages) if train_rows else ()
     return FitResult(runs, model, preset, sp, droplet, feasibility, tuple(notes), holdouts)
 

@@ -54,6 +54,9 @@ class Preset:
     """Prior sd of each edge's natural log: how far another rig may move it."""
     priors: dict[str, tuple[float, float]]
     """Parameter name -> (mean, sd) of its normal prior."""
+    measured: frozenset[str] = frozenset()
+    """Parameters whose prior is a posterior from this data's own droplet measurements (a two-stage fit):
+    the physics GP's learned inflation does not widen them (see :class:`~supraopt.surrogate.PhysicsKernel`)."""
 
     @classmethod
     def load(cls, model: str) -> Preset:
@@ -93,9 +96,15 @@ class Preset:
         sd = torch.tensor([self.priors[n][1] for n in names], dtype=torch.double)
         return mean, sd
 
-    def with_priors(self, updates: dict[str, tuple[float, float]]) -> Preset:
-        """A copy whose priors are replaced where ``updates`` names them (used to seed campaigns)."""
-        return Preset(**{**self.__dict__, "priors": {**self.priors, **updates}})
+    def with_priors(self, updates: dict[str, tuple[float, float]], measured: bool = False) -> Preset:
+        """A copy whose priors are replaced where ``updates`` names them (used to seed campaigns);
+        ``measured``: they are posteriors given this data's droplet sizes (see :attr:`measured`)."""
+        pinned = self.measured | frozenset(updates) if measured else self.measured - frozenset(updates)
+        return Preset(**{**self.__dict__, "priors": {**self.priors, **updates}, "measured": pinned})
+
+    def inflatable(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Of ``names``, those whose prior the physics GP may widen (all but :attr:`measured`)."""
+        return tuple(n for n in names if n not in self.measured)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

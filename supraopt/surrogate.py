@@ -42,13 +42,14 @@ from typing import Protocol
 
 import gpytorch
 import torch
+from gpytorch.constraints import GreaterThan
 from gpytorch.distributions import MultivariateNormal
 from gpytorch.kernels import Kernel, MaternKernel, ScaleKernel
 from gpytorch.likelihoods import FixedNoiseGaussianLikelihood
 from gpytorch.means import Mean
 from gpytorch.mlls import ExactMarginalLogLikelihood
 from gpytorch.models import ExactGP
-from gpytorch.priors import GammaPrior
+from gpytorch.priors import GammaPrior, LogNormalPrior
 from gpytorch.utils.warnings import GPInputWarning
 from linear_operator.utils.errors import NotPSDError
 from torch import Tensor
@@ -63,6 +64,13 @@ FIT_SUBSET = 300
 """Hyperparameters are fitted on at most this many runs (the GP still conditions on all)."""
 MAX_CHOLESKY = 20_000
 """Exact Cholesky up to this many runs (GPyTorch would switch to CG at 800)."""
+
+INFLATION_LOG_SD = 1.0
+"""Log-sd of the log-normal prior on the physics prior's variance inflation (mode 1: none)."""
+INFLATION_RAW_OFF = -30.0
+"""Raw value of an inflation of 1 (to 1e-13): a GP whose hyperparameters are not fitted keeps the prior."""
+INFLATION_RAW_START = -2.0
+"""Where the MAP fit starts the raw inflation (1.13): at the 'off' value its gradient would vanish."""
 
 SEM_CALIBRATION_SD = 0.015
 """Relative systematic error of one sized sample (SEM calibration, drying): SCIENCE.md section 6."""
@@ -110,14 +118,37 @@ class PhysicsMean(Mean):
 
 
 class PhysicsKernel(Kernel):
-    """GPyTorch kernel ``J(x) Sigma J(x')^T``: the covariance the uncertain physics parameters induce."""
+    """GPyTorch kernel ``J(x) Sigma J(x')^T``: the covariance the uncertain physics parameters induce.
 
-    def __init__(self, fn: PhysicsFn, space: UnitMap, prior_sd: Tensor, theta_lin: Tensor) -> None:
+    ``Sigma`` is the prior's ``diag(sd^2)`` with the variances ``inflatable`` marks (1) times a learned
+    ``inflation >= 1`` (log-normal prior, mode 1): when the data contradict the physics prior far
+    beyond its sd (a rig whose droplets grow with the flow ratio), the marginal likelihood widens the
+    prior and the data move the parameters, instead of the model insisting and the optimiser
+    retrying the same corner. On data the prior explains, the inflation stays at 1.
+    """
+
+    def __init__(
+        self, fn: PhysicsFn, space: UnitMap, prior_sd: Tensor, theta_lin: Tensor, inflatable: Tensor | None = None
+    ) -> None:
         super().__init__()
         self.fn, self.space = fn, space
         self.register_buffer("prior_var", prior_sd**2)
         self.register_buffer("theta_lin", theta_lin)
+        self.register_buffer("inflatable", torch.ones_like(prior_sd) if inflatable is None else inflatable)
+        self.register_parameter(
+            "raw_inflation", torch.nn.Parameter(torch.tensor(INFLATION_RAW_OFF, dtype=prior_sd.dtype))
+        )
+        self.register_constraint("raw_inflation", GreaterThan(1.0))
+        self.register_prior("inflation_prior", LogNormalPrior(0.0, INFLATION_LOG_SD), lambda m: m.inflation)
         self._cache: tuple[Tensor, int, Tensor] | None = None  # (inputs, their version, Jacobian)
+
+    @property
+    def inflation(self) -> Tensor:
+        return self.raw_inflation_constraint.transform(self.raw_inflation)
+
+    def variance(self) -> Tensor:
+        """The parameters' prior variances with the learned inflation."""
+        return self.prior_var * (1.0 + (self.inflation - 1.0) * self.inflatable)
 
     def features(self, z: Tensor) -> Tensor:
         """`... x n x p` Jacobian of the physics at unit-cube points ``z`` (training inputs cached)."""
@@ -130,12 +161,13 @@ class PhysicsKernel(Kernel):
 
     def forward(self, x1: Tensor, x2: Tensor, diag: bool = False, **params: object) -> Tensor:
         j1 = self.features(x1)
+        var = self.variance()
         if diag:
             if torch.equal(x1, x2):
-                return (j1**2 * self.prior_var).sum(-1)
-            return (j1 * self.prior_var * self.features(x2)).sum(-1)
+                return (j1**2 * var).sum(-1)
+            return (j1 * var * self.features(x2)).sum(-1)
         j2 = j1 if torch.equal(x1, x2) else self.features(x2)
-        return (j1 * self.prior_var) @ j2.transpose(-1, -2)
+        return (j1 * var) @ j2.transpose(-1, -2)
 
 
 class ExactModel(ExactGP):
@@ -246,6 +278,9 @@ class PhysicsGP:
         """
         self.fn, self.space, self.names, self.residual = fn, space, names, residual
         self.residual_dims = residual_dims
+        self.inflatable: tuple[str, ...] | None = None
+        """The parameters the learned inflation widens (default all; not context offsets, nor priors that
+        are posteriors of measured droplets: :attr:`Preset.measured`)."""
         self.fixed_inputs: Tensor | None = None
         self.prior_mean, self.prior_sd = prior
         self.theta_lin = self.prior_mean.clone()
@@ -266,7 +301,12 @@ class PhysicsGP:
         residual.outputscale = self.residual.sd**2
         residual.base_kernel.lengthscale = self.residual.lengthscale_mean
         mean = PhysicsMean(self.fn, self.space, self.prior_mean, self.theta_lin)
-        kernel = PhysicsKernel(self.fn, self.space, self.prior_sd, self.theta_lin) + residual
+        mask = (
+            None
+            if self.inflatable is None
+            else torch.tensor([float(n in self.inflatable) for n in self.names], dtype=torch.double)
+        )
+        kernel = PhysicsKernel(self.fn, self.space, self.prior_sd, self.theta_lin, mask) + residual
         return mean, kernel.to(torch.double)
 
     def _build_prior_modules(self) -> None:
@@ -315,6 +355,7 @@ class PhysicsGP:
         )
         likelihood.second_noise_covar.noise = self.residual.noise_sd**2
         model = ExactModel(z, y, likelihood, mean, kernel).to(torch.double)
+        model.covar_module.kernels[0].raw_inflation.data.fill_(INFLATION_RAW_START)
         with gpytorch.settings.max_cholesky_size(MAX_CHOLESKY):
             fit_map(model)
         return {k: v for k, v in model.state_dict().items() if "raw_" in k}
@@ -354,17 +395,24 @@ class PhysicsGP:
             dist = self.model(z)
             return dist.mean, dist.covariance_matrix
 
+    @property
+    def inflation(self) -> float:
+        """The learned factor on the physics parameters' prior variances (1: the prior as the preset gives it)."""
+        if self.model is None:
+            return 1.0
+        return float(self.model.covar_module.kernels[0].inflation.detach())
+
     def parameter_posterior(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Posterior mean and covariance of the physics parameters given the training data.
 
         ``theta | y ~ N(mu + Sigma J^T K^-1 (y - m), Sigma - Sigma J^T K^-1 J Sigma)``, with ``K``
         the full training covariance (physics + residual + noise) at the fitted hyperparameters.
         """
-        var = self.prior_sd**2
         if self.model is None or z.shape[0] == 0:
-            return self.prior_mean.clone(), torch.diag(var)
+            return self.prior_mean.clone(), torch.diag(self.prior_sd**2)
         with torch.no_grad():
             model = self.model
+            var = model.covar_module.kernels[0].variance()
             j = physics.jacobian(self.fn, self.space.from_unit(z), self.theta_lin)
             k = model.covar_module(z).to_dense() + torch.diag(model.likelihood.noise.reshape(-1))
             chol = torch.linalg.cholesky(k + 1e-9 * torch.eye(len(k), dtype=k.dtype))
@@ -382,7 +430,9 @@ def size_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:
     def fn(x: Tensor, theta: Tensor) -> Tensor:
         return physics.log_sp_diameter_nm(x, theta, preset)
 
-    return PhysicsGP(fn, preset.prior(physics.SIZE_PARAMETERS), physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
+    gp = PhysicsGP(fn, preset.prior(physics.SIZE_PARAMETERS), physics.SIZE_PARAMETERS, space, SIZE_RESIDUAL)
+    gp.inflatable = preset.inflatable(physics.SIZE_PARAMETERS)
+    return gp
 
 
 DROPLET_RESIDUAL = ResidualPrior(sd=0.05, noise_sd=0.02)
@@ -412,7 +462,7 @@ def with_droplet_data(preset: Preset, space: SearchSpace, z: Tensor, log_droplet
     gp = droplet_gp(preset, space).fit(z, log_droplet_um, torch.full_like(log_droplet_um, DROPLET_NOISE_SD**2))
     mean, cov = gp.parameter_posterior(z, log_droplet_um)
     sd = cov.diagonal().clamp_min(1e-12).sqrt()
-    return preset.with_priors({name: (float(mean[i]), float(sd[i])) for i, name in enumerate(gp.names)})
+    return preset.with_priors({name: (float(mean[i]), float(sd[i])) for i, name in enumerate(gp.names)}, measured=True)
 
 
 def pdi_gp(preset: Preset, space: SearchSpace) -> PhysicsGP:

@@ -83,6 +83,19 @@ def sp_data(preset: Preset, theta: torch.Tensor, n: int = 40, seed: int = 0) -> 
     )
 
 
+def test_a_fit_says_when_the_runs_lie_far_outside_the_presets_prior(tmp_path, preset):
+    mean, sd = preset.prior(physics.SIZE_PARAMETERS)
+    notes = []
+    for name, theta in [("close", mean + 1.5 * sd), ("inverted", mean.clone())]:
+        if name == "inverted":  # droplets that grow with the flow ratio: 6.6 prior sd away
+            theta[physics.SIZE_PARAMETERS.index("droplet_exponent_a")] = -0.2
+        path = tmp_path / f"{name}.csv"
+        sp_data(preset, theta).to_csv(path, index=False)
+        notes.append([n for n in fit_runs(read_runs(path, preset), CSPBBR3, folds=0).notes if "far outside" in n])
+    assert notes[0] == []
+    assert len(notes[1]) == 1 and "supraparticle stage, diameter_nm" in notes[1][0]
+
+
 def test_sp_fit_recovers_known_parameters_within_their_uncertainty(tmp_path, preset):
     """From SP sizes alone these combinations are identified; log_droplet_k and log_phi_inorg on their own, and
     droplet_temp_per_10c and packing_temp_per_10c on their own, are not (only through their priors)."""

@@ -1,7 +1,8 @@
 """Rigs whose physics was written without looking at the twin or the prior: the optimiser must cope.
 
-Each world below bends one assumption of supraopt's prior (exponents, window position, failure
-reasons, a failure edge in flow ratio instead of concentration, a narrow temperature optimum).
+Each world below bends one assumption of supraopt's prior (exponents, even the sign of one, window
+position, failure reasons, a failure edge in flow ratio instead of concentration, a narrow
+temperature optimum).
 Every target here is reachable in spec on its rig; a campaign must hit it within a few runs.
 """
 
@@ -67,6 +68,14 @@ def hot_fails(c: float, r: float, t: float, rng: np.random.Generator) -> Result:
     return sem(500 * (c / 4) ** 0.4 * (r / 4) ** -0.3, math.hypot(3, 4.5 * math.exp(-(t - 25) / 40)), rng)
 
 
+def inverted(c: float, r: float, t: float, rng: np.random.Generator) -> Result:
+    """Droplets that grow with the flow ratio (a squeezing T-junction, or a ratio kept the other way
+    round): exponent +0.2 where the prior says -0.33 ± 0.08."""
+    if not 1 <= c <= 10:
+        return Failure("hollow particles" if c < 1 else "droplets unstable")
+    return sem(450 * (c / 4) ** (1 / 3) * (r / 4) ** 0.2, math.hypot(3, 4 * math.exp(-(t - 25) / 30)), rng)
+
+
 CASES = [
     (steep, 300),
     (steep, 600),
@@ -78,6 +87,8 @@ CASES = [
     (jets_below_5, 450),
     (hot_fails, 350),
     (hot_fails, 550),
+    (inverted, 380),
+    (inverted, 550),
 ]
 
 
