@@ -213,6 +213,10 @@ def _reads_as_number(value: object) -> bool:
         return False
 
 
+LAWS = {"SP sizes": "size law", "PDIs": "polydispersity law"}
+"""The physics each outcome's prior belongs to, for :meth:`Assessment.notes`."""
+
+
 @dataclass(frozen=True)
 class Assessment:
     """Every target's state with the model's view: P(a repeat hits) and, for targets not yet hit,
@@ -221,6 +225,9 @@ class Assessment:
     states: list[TargetState]
     outlooks: dict[int, Outlook]
     """Target index -> outlook, for targets not hit yet once enough runs are measured."""
+    widened: dict[str, float] = field(default_factory=dict)
+    """Outcome ('SP sizes', 'PDIs') -> factor on its physics parameters' prior sds, where the runs lie far
+    outside the preset's prior (:data:`~supraopt.surrogate.WIDENED`)."""
 
     @property
     def all_done(self) -> bool:
@@ -238,6 +245,15 @@ class Assessment:
     def messages(self) -> list[str]:
         """One line per target that looks out of reach, with the nearest achievable spec."""
         return [out_of_reach_message(self.states[i].target, self.outlooks[i]) for i in self.unreachable()]
+
+    def notes(self, preset: str) -> list[str]:
+        """One line per outcome whose runs lie far outside the preset's prior."""
+        return [
+            f"the {outcome} measured so far lie far outside the {preset} preset's prior: the model widened the "
+            f"{LAWS[outcome]}'s parameter sds {factor:.1f}x and follows the runs. If this rig is not of the "
+            "preset's kind, `supraopt fit FILE --into DIR` on past runs gives a new campaign a better start."
+            for outcome, factor in self.widened.items()
+        ]
 
 
 def out_of_reach_message(target: Target, outlook: Outlook) -> str:
@@ -585,6 +601,7 @@ class Campaign:
         import torch
 
         from supraopt.acquisition import envelope_points, outlook
+        from supraopt.surrogate import WIDENED
 
         experiments = self.ledger.experiments() if experiments is None else list(experiments)
         key = self._key(experiments)
@@ -605,7 +622,12 @@ class Campaign:
                     with torch.no_grad():
                         envelope = acq.moments(envelope_points(self.spec.seed))
                 outlooks[i] = outlook(acq, self.spec.seed, envelope)
-        self._assess_cache = (key, Assessment(states, outlooks))
+        widened = {
+            outcome: gp.inflation**0.5
+            for outcome, gp in (("SP sizes", surrogates.size), ("PDIs", surrogates.pdi))
+            if gp.inflation > WIDENED
+        }
+        self._assess_cache = (key, Assessment(states, outlooks, widened))
         return self._assess_cache[1]
 
     def goals(self, assessment: Assessment, surrogates: Surrogates) -> Goals:

@@ -83,6 +83,7 @@ from supraopt.surrogate import (
     DROPLET_NOISE_SD,
     PDI_RESIDUAL,
     SIZE_RESIDUAL,
+    WIDENED,
     FeasibilityModel,
     PhysicsGP,
     ResidualPrior,
@@ -832,10 +833,6 @@ def check_into(runs: Runs, model: str, directory: Path, target_nm: float) -> Non
             raise InputError(f"{error} --into declares it in campaign.toml [context]: rename the column.") from None
 
 
-WIDENED_NOTE = 2.0
-"""A fit whose learned prior inflation (:attr:`PhysicsGP.inflation`) exceeds this says so."""
-
-
 def fit_runs(
     runs: Runs,
     model: str = "cspbbr3-flow-focusing",
@@ -889,7 +886,7 @@ def fit_runs(
     fitted_stages = [s for s in (sp, droplet) if s is not None]
     for fitted in fitted_stages:
         for column, gp in fitted.gps.items():
-            if gp.inflation > WIDENED_NOTE:
+            if gp.inflation > WIDENED:
                 notes.append(
                     f"{fitted.stage.name} stage, {column}: the runs lie far outside {model}'s prior; the fit widened "
                     f"its parameter sds {gp.inflation**0.5:.1f}x to follow them (a preset closer to this rig would "

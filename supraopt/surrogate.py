@@ -69,6 +69,8 @@ INFLATION_LOG_SD = 1.0
 """Log-sd of the log-normal prior on the physics prior's variance inflation (mode 1: none)."""
 INFLATION_RAW_OFF = -30.0
 """Raw value of an inflation of 1 (to 1e-13): a GP whose hyperparameters are not fitted keeps the prior."""
+WIDENED = 2.0
+"""A learned inflation above this is reported (``fit`` notes, ``suggest`` notes): the runs lie far outside the preset."""
 INFLATION_RAW_START = -2.0
 """Where the MAP fit starts the raw inflation (1.13): at the 'off' value its gradient would vanish."""
 

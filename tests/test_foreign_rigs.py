@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli_harness import cli
 
 from supraopt.campaign import Campaign
 from supraopt.records import Failure, Measurement
@@ -108,3 +109,19 @@ def test_a_foreign_rig_is_brought_to_its_target_in_a_few_runs(
         used = len(campaign.ledger.experiments())
         assert campaign.status().hit, f"no hit in {used} runs"
         assert used <= 8
+
+
+@pytest.mark.parametrize(("world", "noted"), [(inverted, True), (jets_below_5, False)])
+def test_suggest_says_when_the_runs_lie_far_outside_the_preset(
+    tmp_path: Path, world: Callable[[float, float, float, np.random.Generator], Result], noted: bool
+) -> None:
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "c"
+    with Campaign.create(folder, "cspbbr3-flow-focusing", 450.0, seed=0) as campaign:
+        for c, r in ((2.0, 5.5), (6.0, 6.0), (3.0, 8.0), (7.0, 12.0), (4.0, 18.0), (5.0, 10.0)):
+            campaign.add_run({"concentration_mg_ml": c, "flow_ratio": r, "temperature_c": 40.0}, world(c, r, 40.0, rng))
+    outcome = cli("suggest", folder)
+    assert outcome.code == 0, outcome.err
+    assert (
+        "the SP sizes measured so far lie far outside the cspbbr3-flow-focusing preset's prior" in outcome.err
+    ) is noted

@@ -125,6 +125,8 @@ def suggest(
     warnings = assessment.messages() if assessment is not None else []
     for line in warnings:
         err_console.print(f"[yellow]warning:[/] {line}", highlight=False, soft_wrap=True)
+    for line in assessment.notes(campaign.preset.name) if assessment is not None else []:
+        err_console.print(f"note: {line}", highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps([s.to_json() for s in suggestions], indent=2))
         return
